@@ -1,0 +1,385 @@
+"""The engine-agnostic EAGLE-3 supervision contract.
+
+Owns what every engine and every transport shares:
+
+- :class:`TargetRunner`, the narrow surface an inference engine implements (the same
+  surface as NeMo Automodel's ``TargetRunner``, so our runners drop into NeMo's
+  ``RunnerEagle3TargetModel``);
+- the aux-layer convention: id ``k`` is the residual stream *output by* decoder layer
+  ``k`` (0-based), i.e. transformers' ``hidden_states[k + 1]``, before the final norm;
+- :class:`Eagle3TargetModel`, which turns a runner's unshifted ``(logits, aux)`` into an
+  :class:`Eagle3TargetBatch` with the EAGLE-3 shift (logits, input_ids and loss_mask
+  shifted left by one with a zero tail; aux and attention_mask unshifted);
+- :class:`LMHead`, the final projection (weight, logit scale, soft-cap) so a client
+  holding the final-norm hidden state can rebuild the logits the target would give;
+- input validation, done before any work so bad input changes nothing.
+
+Nothing here imports an engine: engines register by name in :mod:`eagle3_target.engines`
+and are imported lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+__all__ = [
+    "TargetRunner",
+    "HiddenRunner",
+    "LMHead",
+    "Eagle3TargetBatch",
+    "Eagle3TargetModel",
+    "default_aux_layer_ids",
+    "validate_aux_layer_ids",
+    "validate_batch_inputs",
+    "shift_left_with_zero",
+]
+
+
+@runtime_checkable
+class TargetRunner(Protocol):
+    """What an engine must provide. Implemented by ``engines.hf`` and ``engines.sglang``.
+
+    ``model`` exposes ``.config`` (``num_hidden_layers``, ``hidden_size``, ``vocab_size``)
+    and ``.parameters()``.
+    """
+
+    model: Any
+
+    def set_aux_layers(self, ids: Sequence[int]) -> None:
+        """Capture exactly these three decoder layers (our id convention)."""
+
+    def forward_eagle3(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target forward.
+
+        Args:
+            input_ids: ``[B,S] int64``, right-padded.
+            attention_mask: ``[B,S] int64`` (1 real token, 0 pad).
+
+        Returns:
+            ``(logits [B,S,V] model dtype, aux [B,S,3H] model dtype)``, both unshifted.
+        """
+
+    def input_embedding_weight(self) -> torch.Tensor:
+        """``[V,H]`` input embedding weight."""
+
+    def close(self) -> None:
+        """Release the model and its memory. Idempotent."""
+
+
+@runtime_checkable
+class HiddenRunner(TargetRunner, Protocol):
+    """A runner that can also skip the LM head (the compact ``hidden`` transport)."""
+
+    def forward_eagle3_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(final_hidden [B,S,H], aux [B,S,3H])``, unshifted; final_hidden is
+        after the final norm, the LM head's input."""
+
+    def lm_head(self) -> "LMHead":
+        """The LM head that turns ``final_hidden`` into the logits ``forward_eagle3`` gives."""
+
+
+# --------------------------------------------------------------------------- aux ids
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's low / middle / high recipe: ``[1, N//2-1, N-4]`` (32 layers -> [1,15,28]).
+
+    Raises ValueError on a model too shallow for three distinct ids; we never
+    deduplicate silently, since the draft's ``fc`` expects exactly ``3H`` inputs.
+    """
+    ids = [1, num_layers // 2 - 1, num_layers - 4]
+    if len(set(ids)) != 3 or any(i < 0 or i >= num_layers for i in ids):
+        raise ValueError(
+            f"the model has {num_layers} decoder layers, too shallow for the default "
+            f"EAGLE-3 aux layers {ids}: pass aux_layer_ids explicitly "
+            f"(three distinct ids in [0, {num_layers}))"
+        )
+    return ids
+
+
+def validate_aux_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
+    """Checks three distinct, in-range integer ids; returns them as a list of int."""
+    ids = list(ids)
+    if len(ids) != 3:
+        raise ValueError(f"aux_layer_ids must hold exactly 3 layer ids, got {len(ids)}: {ids}")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"aux_layer_ids must be integers, got {i!r} in {ids}")
+    if len(set(ids)) != 3:
+        raise ValueError(f"aux_layer_ids must be distinct, got {ids}")
+    bad = [i for i in ids if i < 0 or i >= num_layers]
+    if bad:
+        raise ValueError(
+            f"aux_layer_ids {bad} out of range for a model with {num_layers} decoder layers "
+            f"(valid ids are 0..{num_layers - 1})"
+        )
+    return [int(i) for i in ids]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _int_2d(name: str, t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [B,S], got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t
+
+
+def validate_batch_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    vocab_size: int,
+) -> None:
+    """Raises ValueError naming the field and the offending values; changes nothing.
+
+    Args:
+        input_ids: ``[B,S]`` integer, ids in ``[0, vocab_size)``.
+        attention_mask: ``[B,S]`` integer or bool, 0/1.
+        loss_mask: ``[B,S]`` integer or bool, 0/1 (or None where not needed).
+    """
+    fields = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if loss_mask is not None:
+        fields["loss_mask"] = loss_mask
+    for name, t in fields.items():
+        _int_2d(name, t)
+    shape = tuple(input_ids.shape)
+    for name, t in fields.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has shape {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"empty batch: input_ids has shape {shape}")
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(bad.any()):
+        where = bad.nonzero()[:5].tolist()
+        vals = input_ids[bad][:5].tolist()
+        raise ValueError(
+            f"input_ids out of range [0, {vocab_size}): values {vals} at [row, col] {where}"
+        )
+    for name in ("attention_mask", "loss_mask"):
+        t = fields.get(name)
+        if t is None:
+            continue
+        bad = (t != 0) & (t != 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} must hold only 0 and 1, got values {sorted(set(t[bad].tolist()))[:5]}"
+            )
+    if bool((attention_mask.sum(dim=1) == 0).any()):
+        rows = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows[:5]} have no real token")
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones followed by zeros (``[B,S]``)."""
+    m = attention_mask.to(torch.int64)
+    lengths = m.sum(dim=1, keepdim=True)
+    expected = (torch.arange(m.shape[1], device=m.device)[None, :] < lengths).to(torch.int64)
+    return bool(torch.equal(m, expected))
+
+
+# --------------------------------------------------------------------------- batch
+
+
+def shift_left_with_zero(t: torch.Tensor) -> torch.Tensor:
+    """``out[:, i] = t[:, i+1]`` and ``out[:, -1] = 0`` (the EAGLE-3 next-token alignment)."""
+    return torch.cat((t[:, 1:], torch.zeros_like(t[:, :1])), dim=1)
+
+
+@dataclass
+class Eagle3TargetBatch:
+    """Supervision for one batch, aligned as NeMo's ``Eagle3TargetBatch``.
+
+    Fields:
+        aux_hidden_states: ``[B,S,3H]`` model dtype, unshifted.
+        input_ids: ``[B,S] int64``, shifted left by one, zero tail.
+        attention_mask: ``[B,S]``, unshifted.
+        loss_mask: ``[B,S]``, shifted left by one, zero tail.
+        logits: ``[B,S,V]``, shifted left by one, zero tail (or None in draft form).
+        target_probs: ``[B,S,Vd] fp32`` (draft form; already shifted).
+        position_mask: ``[B,S,1] bool`` (draft form; already shifted).
+    """
+
+    aux_hidden_states: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    logits: torch.Tensor | None = None
+    target_probs: torch.Tensor | None = None
+    position_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        has_logits = self.logits is not None
+        has_draft = self.target_probs is not None and self.position_mask is not None
+        if has_logits == has_draft:
+            raise ValueError(
+                "Eagle3TargetBatch needs exactly one supervision form: logits, "
+                "or target_probs together with position_mask"
+            )
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The target's final projection: ``logits = softcap(scale * (h @ weight.T + bias))``.
+
+    Attributes:
+        weight: ``[V,H]`` model dtype.
+        bias: ``[V]`` or None.
+        scale: multiplies the logits (Cohere's ``logit_scale``; 1/``logits_scaling`` for Granite).
+        softcap: ``cap * tanh(logits / cap)`` when set (Gemma-2's ``final_logit_softcapping``).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [...,H]`` -> logits ``[...,V]`` in the weight's dtype."""
+        w = self.weight.to(hidden.device)
+        logits = torch.nn.functional.linear(
+            hidden.to(w.dtype), w, None if self.bias is None else self.bias.to(hidden.device)
+        )
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _num_layers(config: Any) -> int:
+    text = getattr(config, "text_config", None)
+    if text is not None and getattr(text, "num_hidden_layers", None) is not None:
+        return int(text.num_hidden_layers)
+    return int(config.num_hidden_layers)
+
+
+class Eagle3TargetModel:
+    """Supervision from any :class:`TargetRunner`, with the EAGLE-3 shift.
+
+    ``Eagle3TargetModel(runner, aux_layer_ids=None)`` or
+    ``Eagle3TargetModel.from_pretrained(path, engine="hf", ...)``.
+    """
+
+    def __init__(self, runner: TargetRunner, aux_layer_ids: Sequence[int] | None = None):
+        self._runner = runner
+        self.model = runner.model
+        config = self.model.config
+        n = _num_layers(config)
+        ids = default_aux_layer_ids(n) if aux_layer_ids is None else aux_layer_ids
+        self.aux_layer_ids: list[int] = validate_aux_layer_ids(ids, n)
+        self.vocab_size: int = int(getattr(config, "vocab_size"))
+        self.hidden_size: int = int(getattr(config, "hidden_size"))
+        self.num_hidden_layers: int = n
+        runner.set_aux_layers(self.aux_layer_ids)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        engine: str = "hf",
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        aux_layer_ids: Sequence[int] | None = None,
+        **engine_kwargs: Any,
+    ) -> "Eagle3TargetModel":
+        """Loads ``path`` (a local model directory) with the named engine."""
+        from eagle3_target.engines import build_runner
+
+        runner = build_runner(engine, path, device=device, dtype=dtype, **engine_kwargs)
+        try:
+            return cls(runner, aux_layer_ids=aux_layer_ids)
+        except BaseException:
+            runner.close()
+            raise
+
+    @property
+    def runner(self) -> TargetRunner:
+        return self._runner
+
+    def get_input_embeddings(self) -> SimpleNamespace:
+        """An object with ``.weight [V,H]`` (what a draft's embedding copy reads)."""
+        return SimpleNamespace(weight=self._runner.input_embedding_weight())
+
+    def lm_head(self) -> LMHead:
+        if not isinstance(self._runner, HiddenRunner):
+            raise NotImplementedError(f"{type(self._runner).__name__} does not expose its LM head")
+        return self._runner.lm_head()
+
+    def validate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor | None,
+    ) -> None:
+        validate_batch_inputs(input_ids, attention_mask, loss_mask, self.vocab_size)
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> Eagle3TargetBatch:
+        """Runs the target once and returns the shifted supervision.
+
+        Args:
+            input_ids: ``[B,S] int64``, right-padded.
+            attention_mask: ``[B,S]`` 0/1.
+            loss_mask: ``[B,S]`` 0/1.
+
+        Returns:
+            :class:`Eagle3TargetBatch` with ``logits [B,S,V]`` and ``aux [B,S,3H]``.
+        """
+        self.validate(input_ids, attention_mask, loss_mask)
+        logits, aux = self._runner.forward_eagle3(input_ids, attention_mask)
+        return Eagle3TargetBatch(
+            aux_hidden_states=aux,
+            logits=shift_left_with_zero(logits),
+            input_ids=shift_left_with_zero(input_ids),
+            attention_mask=attention_mask,
+            loss_mask=shift_left_with_zero(loss_mask),
+        )
+
+    @torch.no_grad()
+    def generate_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compact form: ``(aux [B,S,3H], final_hidden [B,S,H])``, both shifted like
+        the logits they stand for (aux unshifted, final_hidden shifted left with a zero tail),
+        so ``lm_head()(final_hidden)`` equals ``generate_batch(...).logits`` on every
+        position but the zero tail."""
+        self.validate(input_ids, attention_mask, loss_mask)
+        if not isinstance(self._runner, HiddenRunner):
+            raise NotImplementedError(f"{type(self._runner).__name__} has no hidden mode")
+        final_hidden, aux = self._runner.forward_eagle3_hidden(input_ids, attention_mask)
+        return aux, shift_left_with_zero(final_hidden)
+
+    def close(self) -> None:
+        """Releases the runner. Idempotent."""
+        self._runner.close()
+
+    def __enter__(self) -> "Eagle3TargetModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
