@@ -1,0 +1,131 @@
+"""``eagle3-target demo``: the main job end to end on the built-in tiny model.
+
+What ``make demo`` runs. Each step is a small function that prints one section, so
+later capabilities (the server, the dump) add a step, not a new command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["register", "STEPS"]
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "What does a draft model do in speculative decoding?"},
+     {"role": "assistant", "content": "It guesses the next few tokens cheaply; the target "
+                                      "checks them in one pass and keeps the ones it agrees with."}],
+    [{"role": "user", "content": "Why capture three hidden layers?"},
+     {"role": "assistant", "content": "Low, middle and high layers give the draft head both "
+                                      "surface and semantic features of the target."}],
+    [{"role": "user", "content": "Write a function that adds two numbers."},
+     {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+     {"role": "user", "content": "And one that multiplies them?"},
+     {"role": "assistant", "content": "def mul(a, b):\n    return a * b"}],
+    [{"role": "user", "content": "Is the GPU faster than the CPU for this?"},
+     {"role": "assistant", "content": "Yes, by orders of magnitude for large models."}],
+]
+
+
+class DemoContext:
+    """What steps share: the loaded target, the tokenizer, the tokenized batch."""
+
+    def __init__(self, model_dir: str, workdir: Path):
+        from transformers import AutoTokenizer
+
+        from eagle3_target import Eagle3TargetModel
+
+        self.model_dir = model_dir
+        self.workdir = workdir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.target = Eagle3TargetModel.from_pretrained(model_dir, engine="hf", device="cpu",
+                                                        dtype=torch.float32)
+        rows, masks = [], []
+        for conv in CONVERSATIONS:
+            r = self.tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True,
+                                                   return_assistant_tokens_mask=True)
+            rows.append(r["input_ids"])
+            masks.append(r["assistant_masks"])
+        s = max(len(r) for r in rows)
+        b = len(rows)
+        self.input_ids = torch.full((b, s), self.tokenizer.pad_token_id, dtype=torch.int64)
+        self.attention_mask = torch.zeros((b, s), dtype=torch.int64)
+        self.loss_mask = torch.zeros((b, s), dtype=torch.int64)
+        for i, (r, m) in enumerate(zip(rows, masks)):
+            self.input_ids[i, : len(r)] = torch.tensor(r)
+            self.attention_mask[i, : len(r)] = 1
+            self.loss_mask[i, : len(r)] = torch.tensor(m)
+        self.results: dict[str, Any] = {}
+
+
+def step_in_process(ctx: DemoContext) -> None:
+    t = ctx.target
+    print(f"target: {ctx.model_dir}")
+    print(f"  {t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, "
+          f"aux layers {t.aux_layer_ids}")
+    n_tok = int(ctx.attention_mask.sum())
+    t.generate_batch(ctx.input_ids, ctx.attention_mask, ctx.loss_mask)  # warm-up
+    t0 = time.perf_counter()
+    batch = t.generate_batch(ctx.input_ids, ctx.attention_mask, ctx.loss_mask)
+    dt = time.perf_counter() - t0
+    ctx.results["batch"] = batch
+    print(f"in-process supervision for {ctx.input_ids.shape[0]} chats, {n_tok} tokens, "
+          f"{int(ctx.loss_mask.sum())} supervised (assistant) tokens:")
+    for name in ("aux_hidden_states", "logits", "input_ids", "attention_mask", "loss_mask"):
+        v = getattr(batch, name)
+        print(f"  {name:<18} {str(list(v.shape)):<16} {str(v.dtype).replace('torch.', '')}")
+    # The EAGLE-3 shift, checked on the spot: logits at i predict token i+1.
+    assert torch.equal(batch.input_ids[:, :-1], ctx.input_ids[:, 1:])
+    print(f"  {n_tok / dt:,.0f} tokens/s on {t.runner.device} (fp32)")
+
+
+def step_draft_vocab(ctx: DemoContext) -> None:
+    from eagle3_target import build_vocab_mapping, compute_target_distribution
+
+    supervised = [ctx.input_ids[i][ctx.loss_mask[i].bool()] for i in range(ctx.input_ids.shape[0])]
+    specials = [ctx.tokenizer.convert_tokens_to_ids(x) for x in ("<|im_end|>", "<|endoftext|>")]
+    vd = min(256, ctx.target.vocab_size)
+    mapping = build_vocab_mapping(supervised, vd, specials, target_vocab_size=ctx.target.vocab_size)
+    batch = ctx.results["batch"]
+    probs, pmask = compute_target_distribution(batch.logits, mapping.selected_token_ids,
+                                               mapping.selected_token_mask, batch.loss_mask)
+    path = ctx.workdir / "vocab.safetensors"
+    mapping.save(path)
+    print(f"draft vocabulary: {vd} of {ctx.target.vocab_size} tokens (mapping {mapping.mapping_id[:12]})")
+    print(f"  target_probs {list(probs.shape)} fp32, position_mask {list(pmask.shape)}: "
+          f"{int(pmask.sum())} supervised positions whose target argmax is in the draft vocab")
+
+
+STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
+    ("in-process supervision", step_in_process),
+    ("draft vocabulary", step_draft_vocab),
+]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from eagle3_target.cli import _quiet_transformers, resolve_model
+
+    _quiet_transformers()
+    model_dir = resolve_model(args.model)
+    with tempfile.TemporaryDirectory(prefix="eagle3-demo-") as tmp:
+        ctx = DemoContext(model_dir, Path(tmp))
+        try:
+            for i, (title, fn) in enumerate(STEPS, 1):
+                print(f"\n== {i}. {title}")
+                fn(ctx)
+        finally:
+            ctx.target.close()
+    print("\ndemo finished: all steps ran")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the main job on the built-in tiny model and summarise it")
+    p.add_argument("--model", default=None, help="model directory (default: built-in tiny model)")
+    p.set_defaults(func=run_demo)
