@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models built from configs (random weights, fixed seed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Every test process builds the tiny model into one per-session cache, never ~/.cache.
+_CACHE = os.environ.setdefault(
+    "EAGLE3_TARGET_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "eagle3-target")
+)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The built-in tiny Llama (8 layers, hidden 128, vocab 2048), fp32 on disk."""
+    from eagle3_target.data.tiny import tiny_model_path
+
+    return tiny_model_path("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tiny_model_dir):
+    from eagle3_target import Eagle3TargetModel
+
+    t = Eagle3TargetModel.from_pretrained(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+    yield t
+    t.close()
+
+
+def right_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int = 0):
+    """``(input_ids, attention_mask)`` each ``[B, max(lengths)] int64``, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    s = max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), s), generator=g)
+    mask = (torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
+    return torch.where(mask.bool(), ids, torch.full_like(ids, pad_id)), mask
