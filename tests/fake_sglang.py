@@ -373,9 +373,18 @@ class LlamaForCausalLM(nn.Module):
                           if i in self.model.layers_to_capture])
             off += n
         hidden = torch.cat(finals)
+        # As SGLang's LlamaModel: (hidden, aux) whenever a layer list is set, and
+        # LlamaForCausalLM unpacks it only when its capture flag is on.
+        out = hidden
+        if self.model.layers_to_capture:
+            out = (hidden, [torch.cat([a[j] for a in auxes]) for j in range(len(auxes[0]))])
         aux = None
         if self.capture_aux_hidden_states:
-            aux = [torch.cat([a[j] for a in auxes]) for j in range(len(auxes[0]))]
+            hidden, aux = out
+        else:
+            hidden = out
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError("only integer tensors of a single element can be converted to an index")
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch, aux)
 
 

@@ -289,6 +289,9 @@ def test_wrapped_processor_is_stock_when_disarmed(runner):
     out = runner.forward_packed(*_ragged([4, 6], S=6), mode="stock")
     assert out == {} and w.mode is None and w.result is None
     assert runner.model.capture_aux_hidden_states is True  # restored after the stock run
+    assert runner.model.model.layers_to_capture == [2, 4, 5]
+    logits, _ = runner.forward_eagle3(*_ragged([4, 6], S=6))  # capture works again
+    assert logits.shape == (2, 6, runner.vocab_size)
 
 
 # --------------------------------------------------------------------------- state

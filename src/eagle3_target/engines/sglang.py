@@ -468,12 +468,19 @@ class SGLangTargetRunner:
         api, mr = self._api, self._mr
         if self._sampling is None:
             self._sampling = api.SamplingParams(temperature=0, max_new_tokens=1)
+        # stock = no capture at all: the flag and the decoder's layer list (with a list
+        # set, SGLang's decoder returns (hidden, aux) whatever the flag says)
+        inner = getattr(self.model, "model", None)
         capture = getattr(self.model, "capture_aux_hidden_states", None)
+        layers = getattr(inner, "layers_to_capture", None)
         for w in self._wrappers:
             w.mode = None if mode == "stock" else mode
             w.result = None
-        if mode == "stock" and capture is not None:
-            self.model.capture_aux_hidden_states = False
+        if mode == "stock":
+            if capture is not None:
+                self.model.capture_aux_hidden_states = False
+            if layers is not None:
+                inner.layers_to_capture = []
         self._clear_pools(mr)
         try:
             fb = self._forward_batch(rows)
@@ -483,6 +490,8 @@ class SGLangTargetRunner:
             self._clear_pools(mr)
             if capture is not None:
                 self.model.capture_aux_hidden_states = capture
+            if layers is not None:
+                inner.layers_to_capture = layers
             results = [w.result for w in self._wrappers if w.result is not None]
             for w in self._wrappers:
                 w.mode, w.result = None, None
