@@ -404,7 +404,10 @@ class SGLangTargetRunner:
             return
         self.model = None
         self._wrappers = []
-        self._clear_pools(mr)
+        try:
+            self._clear_pools(mr)
+        except Exception as e:  # a broken CUDA context must not keep the runner alive
+            log.warning("clearing SGLang pools on close failed: %s", e)
         del mr
         for fn in self._api.teardown:  # lets a later build in this process start clean
             try:
