@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,10 @@ def right_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: in
     ids = torch.randint(0, vocab, (len(lengths), s), generator=g)
     mask = (torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
     return torch.where(mask.bool(), ids, torch.full_like(ids, pad_id)), mask
+
+def pytest_sessionfinish(session, exitstatus):
+    # The CPU suite must never need sglang (engines/sglang.py imports it lazily; the
+    # SGLang tests use tests/fake_sglang.py).
+    if "sglang" in sys.modules and sys.modules["sglang"] is not None:
+        print("\nFAILED: the CPU test suite imported sglang", file=sys.stderr)
+        session.exitstatus = 1
