@@ -157,6 +157,9 @@ class Guard:
                 sent["bytes"] += len(msg.get("body", b""))
             await send(msg)
 
+        counted = path not in ("/health", "/metrics")
+        if counted:
+            self.metrics.in_flight.inc()
         try:
             if (self._digest is not None and path != "/health"
                     and not token_matches(_header(scope, b"authorization"), self._digest)):
@@ -173,6 +176,8 @@ class Guard:
                 return
             await self.app(scope, receive, send_wrapper)
         finally:
+            if counted:
+                self.metrics.in_flight.dec()
             self.metrics.observe_request(endpoint, scope.get("method", "?"), status["code"],
                                          time.perf_counter() - t0, sent["bytes"])
 
@@ -231,11 +236,16 @@ class _State:
                 await _drain(request.receive, _DRAIN_LIMIT)
                 raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds this "
                                                       f"server's limit of {limit} bytes")
-        chunks, total = [], 0
-        async for chunk in request.stream():
+        chunks, total, more = [], 0, True
+        while more:
+            msg = await request.receive()
+            if msg["type"] != "http.request":
+                raise ApiError(400, "client_disconnected", "the client went away mid-body")
+            chunk, more = msg.get("body", b""), msg.get("more_body", False)
             total += len(chunk)
             if total > limit:
-                await _drain(request.receive, _DRAIN_LIMIT)
+                if more:
+                    await _drain(request.receive, _DRAIN_LIMIT)
                 raise ApiError(413, "body_too_large",
                                f"body exceeds this server's limit of {limit} bytes")
             chunks.append(chunk)

@@ -32,6 +32,8 @@ class ServerMetrics:
                                  ["endpoint"], registry=r)
         self.tokens = Counter("eagle3_supervision_tokens_total", "Real (attention_mask=1) tokens "
                               "supervised, by mode", ["mode"], registry=r)
+        self.in_flight = Gauge("eagle3_requests_in_flight", "Requests being handled (all "
+                               "endpoints but /health and /metrics)", registry=r)
         self.queue_depth = Gauge("eagle3_queue_depth", "Requests waiting for the engine",
                                  registry=r)
         self.engine_batches = Counter("eagle3_engine_batches_total", "Engine calls, by forward "

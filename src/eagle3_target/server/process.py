@@ -57,8 +57,9 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
-        """Starts the child and returns once ``/health`` answers 200."""
+    def start(self, timeout: float = 120.0, *, wait_healthy: bool = True) -> "ServerProcess":
+        """Starts the child and returns once ``/health`` answers 200 (or, without
+        ``wait_healthy``, once it listens)."""
         self.proc = subprocess.Popen(self.command + self.args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=self.env, text=True, bufsize=1)
@@ -68,6 +69,8 @@ class ServerProcess:
         while not self._url_ready.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self._fail("did not print its listening line")
+        if not wait_healthy:
+            return self
         with httpx.Client(trust_env=False, timeout=5.0) as c:
             while True:
                 if self.proc.poll() is not None:
