@@ -73,7 +73,10 @@ def check_bind(host: str, token: str | None, insecure: bool) -> None:
 def bind_socket(host: str, port: int) -> socket.socket:
     """A bound (not yet listening) TCP socket; port 0 picks a free port."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
+    # proto says TCP, and without it every keep-alive response waits ~40 ms on Nagle
+    # plus delayed ACK (headers and body go out as two writes).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # A restarted server must be able to take its port back while old connections
     # sit in TIME_WAIT.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
