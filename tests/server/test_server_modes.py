@@ -182,3 +182,21 @@ def test_vocab_mapping_registration_is_content_addressed(http, mapping):
          "selected_token_mask": torch.zeros(2048, dtype=torch.bool)}))
     assert wrong_mask.status_code == 422
     assert "selected_token_mask" in wrong_mask.json()["detail"]
+
+
+def test_the_client_in_the_protocol_doc_works(server, token, inputs, expected):
+    """docs/protocol.md promises a client can be written from the page alone: run its
+    example against the server."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    code = re.search(r"## A complete client\n\n```python\n(.*?)```", doc, re.S).group(1)
+    code = code.replace('"http://127.0.0.1:8000", "..."', f'"{server.url}", "{token}"')
+    ns: dict = {}
+    exec(compile(code, "docs/protocol.md", "exec"), ns)
+    aux, logits, ids, loss = ns["supervision"](*inputs)
+    batch = expected[0]
+    torch.testing.assert_close(logits.float(), batch.logits, rtol=0.05, atol=0.05)  # bf16 wire
+    assert torch.equal(ids, batch.input_ids) and torch.equal(loss, batch.loss_mask)
+    assert aux.dtype == torch.bfloat16

@@ -258,7 +258,10 @@ class _State:
             raise ApiError(503, "unavailable", str(e),
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         try:
-            return await asyncio.wrap_future(fut)
+            res = await asyncio.wrap_future(fut)
+            if job.host_ready is not None:
+                await run_in_threadpool(job.wait_host)
+            return res
         except EngineOverloaded as e:
             raise ApiError(503, "engine_out_of_memory", f"{e}; retry later or send fewer tokens",
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None

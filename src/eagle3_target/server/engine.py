@@ -5,9 +5,10 @@ HTTP handlers never touch the model's forward. They validate a request, wrap it 
 job, packs every queued job of the same kind (``logits`` or ``hidden`` forward) that
 fits ``max_batch_tokens`` (rows x longest row, right-padded) into one engine call,
 splits the outputs back by row range, and finishes each job's own post-processing
-(EAGLE-3 shift, draft projection, top-k, dtype) before resolving its future. Decoding
-and encoding bodies happen in the handlers' threads, so they overlap with the next
-engine call; there is no lock around a whole request.
+(EAGLE-3 shift, draft projection, top-k, dtype) before resolving its future. GPU results
+go to pinned host memory on a side stream, so the next engine call launches while the
+copy drains. Decoding and encoding bodies happen in the handlers' threads, so they
+overlap with the next engine call; there is no lock around a whole request.
 
 Faults stay inside the batch that caused them: when a merged call fails (out of
 memory, or an engine error a bad row provoked) each job is re-run alone, so only the
@@ -82,6 +83,13 @@ class Job:
     future: Future = field(default_factory=Future)
     batch_requests: int = 0
     """Set by the worker: how many requests shared the engine call."""
+    host_ready: Any = None
+    """Set by the worker for GPU results: a CUDA event the reader waits on before the
+    (pinned, asynchronously copied) CPU tensors are complete; None when already there."""
+
+    def wait_host(self) -> None:
+        if self.host_ready is not None:
+            self.host_ready.synchronize()
 
     @property
     def kind(self) -> str:
@@ -106,7 +114,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 @torch.no_grad()
 def postprocess(job: Job, out: torch.Tensor, aux: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One job's response tensors from its slice of the engine output, on the CPU.
+    """One job's response tensors from its slice of the engine output (engine device).
 
     Args:
         out: unshifted ``logits [B,S,V]`` (kind ``logits``) or ``final_hidden [B,S,H]``
@@ -146,7 +154,7 @@ def postprocess(job: Job, out: torch.Tensor, aux: torch.Tensor) -> dict[str, tor
         res["logsumexp"] = _cast(shift_left_with_zero(lse), dt)
     else:
         raise ValueError(f"unknown mode {job.mode!r}")
-    return {k: v.to("cpu") for k, v in res.items()}
+    return res
 
 
 class EngineWorker:
@@ -181,6 +189,7 @@ class EngineWorker:
         self._cv = threading.Condition()
         self._stopping = False
         self._started = False
+        self._copy_streams: dict[torch.device, Any] = {}
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: BaseException | None = None
         self.target: Eagle3TargetModel | None = None
@@ -322,6 +331,7 @@ class EngineWorker:
             job.batch_requests = len(batch)
             try:
                 res = postprocess(job, out[r0:r1, :job.seq_len], aux[r0:r1, :job.seq_len])
+                res, job.host_ready = self._to_host(res)
             except BaseException as e:
                 self._fail(job, e)
                 continue
@@ -356,6 +366,32 @@ class EngineWorker:
                           exc_info=exc)
             err = EngineFailed(f"{type(exc).__name__}: {exc}")
         job.future.set_exception(err)
+
+    def _to_host(self, res: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """Starts copying a GPU result to pinned host memory on a side stream, so the
+        next engine call is launched while the copy engine drains this one; the handler
+        waits on the returned event. CPU results come back as they are."""
+        on_gpu = [v for v in res.values() if v.is_cuda]
+        if not on_gpu:
+            return {k: v.to("cpu") for k, v in res.items()}, None
+        dev = on_gpu[0].device
+        stream = self._copy_streams.get(dev)
+        if stream is None:
+            stream = self._copy_streams[dev] = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        host: dict[str, torch.Tensor] = {}
+        with torch.cuda.stream(stream):
+            for k, v in res.items():
+                if not v.is_cuda:
+                    host[k] = v.to("cpu")
+                    continue
+                h = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                h.copy_(v, non_blocking=True)
+                v.record_stream(stream)  # keep the device memory until the copy is done
+                host[k] = h
+            done = torch.cuda.Event()
+            done.record(stream)
+        return host, done
 
     @staticmethod
     def _free_memory() -> None:
