@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="use a running server instead of starting one")
     p.add_argument("--token", default=None)
     p.add_argument("--engine-arg", action="append", default=[])
+    p.add_argument("--repeat", type=int, default=3, help="medians over this many repeats")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="alternate in-process and server runs (default: on CPU only)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     args.client_device = args.client_device or args.device
@@ -164,10 +167,17 @@ def main(argv: list[str] | None = None) -> int:
                                     target.vocab_size)
     modes = args.modes.split(",")
     clients = [int(c) for c in args.clients.split(",")]
-    base = {m: inprocess_tps(target, m, mapping, args) for m in modes}
-    target.close()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    # Interleaving (in-process, then through the server, per mode and repeat) keeps the
+    # ratio honest on a machine whose load drifts; on a GPU the in-process copy is
+    # measured first and freed, so the server gets the GPU memory to itself.
+    interleave = not args.device.startswith("cuda") if args.interleave is None else args.interleave
+    base: dict[str, list[float]] = {m: [] for m in modes}
+    if not interleave:
+        for m in modes:
+            base[m] = [inprocess_tps(target, m, mapping, args) for _ in range(args.repeat)]
+        target.close()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     srv = None
     url, token = args.url, args.token
@@ -181,23 +191,32 @@ def main(argv: list[str] | None = None) -> int:
             flags += ["--engine-arg", e]
         srv = ServerProcess(flags, token=token).start(timeout=1800)
         url = srv.url
-    rows: list[dict[str, Any]] = []
+    served: dict[tuple[str, int], list[tuple[float, float]]] = {}
     try:
         for m in modes:
-            for c in clients:
-                tps, bpt = remote_tps(url, token, m, c, mapping, args)
-                rows.append({"mode": m, "clients": c, "server_tokens_per_s": tps,
-                             "inprocess_tokens_per_s": base[m], "ratio": tps / base[m],
-                             "bytes_per_token": bpt})
+            for _ in range(args.repeat):
+                if interleave:
+                    base[m].append(inprocess_tps(target, m, mapping, args))
+                for c in clients:
+                    served.setdefault((m, c), []).append(remote_tps(url, token, m, c, mapping, args))
     finally:
         if srv is not None:
             srv.stop()
+        if interleave:
+            target.close()
+    rows: list[dict[str, Any]] = []
+    for (m, c), runs in served.items():
+        tps = statistics.median(r[0] for r in runs)
+        ref = statistics.median(base[m])
+        rows.append({"mode": m, "clients": c, "server_tokens_per_s": tps,
+                     "inprocess_tokens_per_s": ref, "ratio": tps / ref,
+                     "bytes_per_token": runs[0][1], "repeats": len(runs)})
 
     dev = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"model {model} | engine {args.engine} | device {args.device} ({dev}) | "
           f"wire dtype {args.wire_dtype} | {args.batch} x {args.seq_len} per request, "
-          f"{args.runs} runs per client")
+          f"{args.runs} runs per client, median of {args.repeat} repeats")
     logits_bpt = {r["clients"]: r["bytes_per_token"] for r in rows if r["mode"] == "logits"}
     print("| mode | clients | server tokens/s | in-process tokens/s | ratio | bytes/token | "
           "bytes vs logits |")
