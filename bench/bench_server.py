@@ -25,7 +25,6 @@ import json
 import platform
 import statistics
 import sys
-import threading
 import time
 from typing import Any
 
@@ -65,60 +64,94 @@ def inprocess_tps(target, mode: str, mapping, args) -> float:
     return args.batch * args.seq_len / statistics.median(times)
 
 
-def _client(c: int, url: str, token: str | None, mode: str, mapping_ids: list[int],
-            args: argparse.Namespace, barrier, results) -> None:
-    """One trainer rank, in its own process (as in training: no GIL shared with others)."""
+def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
+            args: argparse.Namespace, commands, results) -> None:
+    """One trainer rank in its own process (as in training: no GIL shared with others).
+
+    Commands: ``("prepare", mode)`` builds the client and batches and warms up, then
+    answers ``ready``; ``"go"`` times ``--runs`` batches and answers the result;
+    ``None`` exits."""
     from eagle3_target.client import RemoteTarget
 
-    try:
-        rt = RemoteTarget(url, token=token, mode=mode, device=args.client_device,
-                          dtype=args.wire_dtype, topk=args.topk, timeout=600)
-        if mode == "draft" or (mode == "hidden" and args.hidden_form == "draft"):
-            rt.set_vocab_mapping(torch.tensor(mapping_ids))
-        call = rt.generate_topk if mode == "topk" else rt.generate_batch
-        call(*make_batch(c, args.batch, args.seq_len, rt.vocab_size))  # warm-up, LM-head fetch
-        batches = [make_batch(1000 * (c + 1) + r, args.batch, args.seq_len, rt.vocab_size)
-                   for r in range(args.runs)]
-        barrier.wait()
-        before = rt.stats["bytes_received"]
-        t0 = time.perf_counter()
-        for b in batches:
-            out = call(*b)
-            del out
-        _sync()
-        results.put((c, time.perf_counter() - t0, rt.stats["bytes_received"] - before, None))
+    clients: dict[str, Any] = {}
+    while True:
+        cmd = commands.get()
+        if cmd is None:
+            break
+        try:
+            mode = cmd[1]
+            rt = clients.get(mode)
+            if rt is None:
+                rt = clients[mode] = RemoteTarget(url, token=token, mode=mode,
+                                                  device=args.client_device,
+                                                  dtype=args.wire_dtype, topk=args.topk,
+                                                  timeout=600)
+                if mode == "draft" or (mode == "hidden" and args.hidden_form == "draft"):
+                    rt.set_vocab_mapping(torch.tensor(mapping_ids))
+            call = rt.generate_topk if mode == "topk" else rt.generate_batch
+            call(*make_batch(c, args.batch, args.seq_len, rt.vocab_size))  # warm-up
+            batches = [make_batch(1000 * (c + 1) + r, args.batch, args.seq_len, rt.vocab_size)
+                       for r in range(args.runs)]
+            results.put(("ready", c, None))
+            if commands.get() != "go":
+                raise RuntimeError("protocol error: expected go")
+            before = rt.stats["bytes_received"]
+            for b in batches:
+                out = call(*b)
+                del out
+            _sync()
+            results.put(("done", c, rt.stats["bytes_received"] - before))
+        except BaseException as e:  # reported by the parent
+            results.put(("error", c, f"{type(e).__name__}: {e}"))
+    for rt in clients.values():
         rt.close()
-    except BaseException as e:  # reported by the parent
-        barrier.abort()
-        results.put((c, 0.0, 0, f"{type(e).__name__}: {e}"))
 
 
-def remote_tps(url: str, token: str | None, mode: str, clients: int, mapping,
-               args) -> tuple[float, float]:
-    """(delivered tokens/s over all clients, response bytes per token)."""
-    import multiprocessing as mp
+class ClientPool:
+    """``n`` client processes kept for the whole benchmark (spawned once)."""
 
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(c, url, token, mode,
-                                               mapping.selected_token_ids.tolist(), args,
-                                               barrier, results)) for c in range(clients)]
-    for p in procs:
-        p.start()
-    try:
-        barrier.wait(timeout=1800)
-    except threading.BrokenBarrierError:
-        pass
-    t0 = time.perf_counter()
-    out = [results.get(timeout=3600) for _ in procs]
-    wall = time.perf_counter() - t0
-    for p in procs:
-        p.join()
-    errors = [e for *_, e in out if e]
-    if errors:
-        raise RuntimeError(f"client failed: {errors[0]}")
-    tokens = clients * args.runs * args.batch * args.seq_len
-    return tokens / wall, sum(r[2] for r in out) / tokens
+    def __init__(self, n: int, url: str, token: str | None, mapping, args):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.args = args
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(n)]
+        self.procs = [ctx.Process(target=_client, args=(c, url, token,
+                                                        mapping.selected_token_ids.tolist(),
+                                                        args, self.commands[c], self.results))
+                      for c in range(n)]
+        for p in self.procs:
+            p.start()
+
+    def _collect(self, n: int, kind: str) -> list[Any]:
+        out = []
+        for _ in range(n):
+            what, c, value = self.results.get(timeout=3600)
+            if what == "error":
+                raise RuntimeError(f"client {c} failed: {value}")
+            assert what == kind
+            out.append(value)
+        return out
+
+    def run(self, mode: str, clients: int) -> tuple[float, float]:
+        """(delivered tokens/s over ``clients`` concurrent clients, response bytes/token)."""
+        for q in self.commands[:clients]:
+            q.put(("prepare", mode))
+        self._collect(clients, "ready")
+        t0 = time.perf_counter()
+        for q in self.commands[:clients]:
+            q.put("go")
+        received = self._collect(clients, "done")
+        wall = time.perf_counter() - t0
+        tokens = clients * self.args.runs * self.args.batch * self.args.seq_len
+        return tokens / wall, sum(received) / tokens
+
+    def close(self) -> None:
+        for q in self.commands:
+            q.put(None)
+        for p in self.procs:
+            p.join(60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,14 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         srv = ServerProcess(flags, token=token).start(timeout=1800)
         url = srv.url
     served: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    pool = None
     try:
+        pool = ClientPool(max(clients), url, token, mapping, args)
         for m in modes:
             for _ in range(args.repeat):
                 if interleave:
                     base[m].append(inprocess_tps(target, m, mapping, args))
                 for c in clients:
-                    served.setdefault((m, c), []).append(remote_tps(url, token, m, c, mapping, args))
+                    served.setdefault((m, c), []).append(pool.run(m, c))
     finally:
+        if pool is not None:
+            pool.close()
         if srv is not None:
             srv.stop()
         if interleave:

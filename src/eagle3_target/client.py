@@ -304,6 +304,7 @@ class RemoteTarget:
                 self.stats["bytes_received"] += len(resp.content)
                 if resp.status_code < 400:
                     srv.mark_up()
+                    self.stats[f"served_by:{srv.url}"] += 1
                     return resp
                 err = RemoteTargetError.from_response(resp)
                 if resp.status_code in _RETRY_STATUS:
@@ -314,7 +315,11 @@ class RemoteTarget:
                 elif err.error == "unknown_mapping" and self._mapping is not None:
                     # A restarted or newly added server: register, then ask again.
                     last = err
-                    self._register(srv, self._mapping)
+                    try:
+                        self._register(srv, self._mapping)
+                    except httpx.TransportError as e:
+                        last = e
+                        srv.mark_down()
                 else:
                     raise err
             finally:
