@@ -233,3 +233,14 @@ def test_postprocess_rejects_a_draft_job_without_mapping(reference):
     logits, aux = reference.runner.forward_eagle3(j.input_ids, j.attention_mask)
     with pytest.raises(ValueError, match="vocab mapping"):
         postprocess(j, logits, aux)
+
+
+def test_engine_args_pass_through_as_json_values():
+    from eagle3_target.server.cli import _parse_engine_args
+
+    assert _parse_engine_args(["mem-fraction-static=0.8", "tp_size=2", "attention_backend=fa3",
+                               "flag=true", "cfg={\"a\": 1}"]) == {
+        "mem_fraction_static": 0.8, "tp_size": 2, "attention_backend": "fa3", "flag": True,
+        "cfg": {"a": 1}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _parse_engine_args(["novalue"])

@@ -201,6 +201,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     token = read_token(args.token_file)
     check_bind(args.host, token, args.insecure)  # before any heavy import or model build
     engine_kwargs = _parse_engine_args(args.engine_arg)
+    if args.engine == "sglang":
+        # Size SGLang's KV pool for the largest engine call this server will make.
+        engine_kwargs.setdefault("max_batch_tokens", args.max_batch_tokens)
     model = resolve_model(args.model)
     args.model = model
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
