@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="hf")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--aux-layers", default=None, help="three comma-separated layer ids")
     p.add_argument("--client-device", default=None, help="where hidden mode rebuilds (default --device)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -192,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     model = resolve_model(args.model)
     engine_kwargs = _parse_engine_args(args.engine_arg)
+    aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
     target = Eagle3TargetModel.from_pretrained(model, engine=args.engine, device=args.device,
-                                               dtype=args.dtype, **engine_kwargs)
+                                               dtype=args.dtype, aux_layer_ids=aux,
+                                               **engine_kwargs)
     vd = args.draft_vocab or (32000 if target.vocab_size > 64000 else target.vocab_size // 8)
     mapping = VocabMapping.from_ids(torch.randperm(target.vocab_size,
                                                    generator=torch.Generator().manual_seed(0))[:vd],
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--max-batch-tokens", str(args.max_batch_tokens)]
         if args.dtype:
             flags += ["--dtype", args.dtype]
+        if args.aux_layers:
+            flags += ["--aux-layers", args.aux_layers]
         for e in args.engine_arg:
             flags += ["--engine-arg", e]
         srv = ServerProcess(flags, token=token).start(timeout=1800)
