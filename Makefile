@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+# NeMo Automodel's own remote client, for the server compatibility tests. --no-deps:
+# its full dependency set is a training stack; the import chain the tests use needs
+# only what the test extras add (pillow, requests).
+	$(BIN)/python -m pip install -q --no-deps "nemo-automodel==0.7.0"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,6 +22,7 @@ __all__ = ["main", "SUBCOMMAND_MODULES", "add_model_args", "load_target", "resol
 SUBCOMMAND_MODULES: list[str] = [
     "eagle3_target.cli",
     "eagle3_target.demo",
+    "eagle3_target.server.cli",
 ]
 
 

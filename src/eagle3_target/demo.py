@@ -102,9 +102,16 @@ def step_draft_vocab(ctx: DemoContext) -> None:
           f"{int(pmask.sum())} supervised positions whose target argmax is in the draft vocab")
 
 
+def step_server(ctx: DemoContext) -> None:
+    from eagle3_target.server.demo import step_server as run
+
+    run(ctx)
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("in-process supervision", step_in_process),
     ("draft vocabulary", step_draft_vocab),
+    ("server and remote client", step_server),
 ]
 
 

@@ -1,0 +1,403 @@
+"""The engine worker: one thread that owns the target model and batches requests.
+
+HTTP handlers never touch the model's forward. They validate a request, wrap it as a
+:class:`Job` and :meth:`EngineWorker.submit` it; the worker thread takes the oldest
+job, packs every queued job of the same kind (``logits`` or ``hidden`` forward) that
+fits ``max_batch_tokens`` (rows x longest row, right-padded) into one engine call,
+splits the outputs back by row range, and finishes each job's own post-processing
+(EAGLE-3 shift, draft projection, top-k, dtype) before resolving its future. GPU results
+go to pinned host memory on a side stream, so the next engine call launches while the
+copy drains. Decoding and encoding bodies happen in the handlers' threads, so they
+overlap with the next engine call; there is no lock around a whole request.
+
+Faults stay inside the batch that caused them: when a merged call fails (out of
+memory, or an engine error a bad row provoked) each job is re-run alone, so only the
+job that cannot run fails. Out of memory becomes :class:`EngineOverloaded` (the server
+answers 503 with Retry-After); the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eagle3_target.contract import Eagle3TargetModel, HiddenRunner, shift_left_with_zero
+from eagle3_target.vocab import VocabMapping, compute_target_distribution
+
+__all__ = ["Job", "EngineWorker", "EngineOverloaded", "EngineFailed", "postprocess", "forward_kind"]
+
+log = logging.getLogger("eagle3_target.server")
+
+_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "OutOfMemoryError", None),
+                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None))
+    if isinstance(t, type)
+)
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine ran out of memory on this request alone; retry later or split it."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine raised on this request alone (logged server-side)."""
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker is loading, failed to load, or is stopping."""
+
+
+def forward_kind(mode: str) -> str:
+    """Which engine forward a mode needs: ``hidden`` skips the LM head."""
+    return "hidden" if mode == "hidden" else "logits"
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's rows.
+
+    Attributes:
+        mode: ``logits | draft | hidden | topk | nemo`` (nemo: NeMo's /generate output).
+        input_ids, attention_mask: ``[B,S] int64`` CPU, already validated.
+        loss_mask: ``[B,S] int64`` CPU or None (required by ``draft`` and ``nemo``).
+        mapping: the draft vocabulary for ``draft``/``nemo``.
+        out_dtype: wire dtype of float outputs; None keeps the engine's.
+        k: top-k size for ``topk``.
+    """
+
+    mode: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+    mapping: VocabMapping | None = None
+    out_dtype: torch.dtype | None = None
+    k: int | None = None
+    future: Future = field(default_factory=Future)
+    batch_requests: int = 0
+    """Set by the worker: how many requests shared the engine call."""
+    host_ready: Any = None
+    """Set by the worker for GPU results: a CUDA event the reader waits on before the
+    (pinned, asynchronously copied) CPU tensors are complete; None when already there."""
+
+    def wait_host(self) -> None:
+        if self.host_ready is not None:
+            self.host_ready.synchronize()
+
+    @property
+    def kind(self) -> str:
+        return forward_kind(self.mode)
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+@torch.no_grad()
+def postprocess(job: Job, out: torch.Tensor, aux: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One job's response tensors from its slice of the engine output (engine device).
+
+    Args:
+        out: unshifted ``logits [B,S,V]`` (kind ``logits``) or ``final_hidden [B,S,H]``
+            (kind ``hidden``), engine dtype, engine device.
+        aux: ``[B,S,3H]`` engine dtype, unshifted.
+
+    Every sequence output is shifted exactly as ``Eagle3TargetModel.generate_batch``
+    shifts (left by one, zero tail), so a server response equals the in-process result.
+    """
+    dt = job.out_dtype
+    res: dict[str, torch.Tensor] = {"aux_hidden_states": _cast(aux, dt)}
+    if job.mode == "hidden":
+        res["final_hidden"] = _cast(shift_left_with_zero(out), dt)
+    elif job.mode == "logits":
+        res["logits"] = _cast(shift_left_with_zero(out), dt)
+    elif job.mode in ("draft", "nemo"):
+        if job.mapping is None or job.loss_mask is None:
+            raise ValueError(f"{job.mode} mode needs a vocab mapping and a loss_mask")
+        loss = shift_left_with_zero(job.loss_mask.to(out.device))
+        probs, pmask = compute_target_distribution(
+            shift_left_with_zero(out), job.mapping.selected_token_ids,
+            job.mapping.selected_token_mask, loss)
+        res["target_probs"] = _cast(probs, dt)
+        res["position_mask"] = pmask
+        if job.mode == "nemo":
+            # NeMo's response order: aux_hidden_states, target_probs, position_mask,
+            # input_ids, loss_mask (the last two shifted, in the dtype received).
+            res["input_ids"] = shift_left_with_zero(job.input_ids)
+            res["loss_mask"] = shift_left_with_zero(job.loss_mask)
+    elif job.mode == "topk":
+        if job.k is None:
+            raise ValueError("topk mode needs k")
+        values, indices = out.topk(job.k, dim=-1)
+        lse = torch.logsumexp(out.float(), dim=-1)
+        res["topk_values"] = _cast(shift_left_with_zero(values), dt)
+        res["topk_indices"] = shift_left_with_zero(indices.to(torch.int32))
+        res["logsumexp"] = _cast(shift_left_with_zero(lse), dt)
+    else:
+        raise ValueError(f"unknown mode {job.mode!r}")
+    return res
+
+
+class EngineWorker:
+    """Owns the target and runs every forward, in one thread.
+
+    ``loader`` builds the :class:`Eagle3TargetModel` inside the worker thread (so the
+    thread that loads the engine is the one that drives it). ``on_batch`` is told
+    ``(kind, n_requests, padded_tokens, real_tokens, seconds)`` after each engine call.
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[], Eagle3TargetModel],
+        *,
+        max_batch_tokens: int,
+        on_ready: Callable[[Eagle3TargetModel], None] | None = None,
+        on_failed: Callable[[BaseException], None] | None = None,
+        on_batch: Callable[[str, int, int, int, float], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
+        on_oom: Callable[[], None] | None = None,
+    ):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self._loader = loader
+        self.max_batch_tokens = max_batch_tokens
+        self._on_ready = on_ready
+        self._on_failed = on_failed
+        self._on_batch = on_batch
+        self._on_queue = on_queue
+        self._on_oom = on_oom
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._started = False
+        self._copy_streams: dict[torch.device, Any] = {}
+        self.state = "loading"  # loading | ready | failed | stopped
+        self.error: BaseException | None = None
+        self.target: Eagle3TargetModel | None = None
+        self._thread = threading.Thread(target=self._main, name="eagle3-engine", daemon=True)
+
+    # -- public ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts loading in the worker thread. Idempotent."""
+        with self._cv:
+            if self._started:
+                return
+            self._started = True
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def supports_hidden(self) -> bool:
+        return self.target is not None and isinstance(self.target.runner, HiddenRunner)
+
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def submit(self, job: Job) -> Future:
+        """Queues ``job``; its future resolves to the response tensors (CPU)."""
+        with self._cv:
+            if self.state != "ready" or self._stopping:
+                raise WorkerUnavailable(f"engine is {self.state if not self._stopping else 'stopping'}")
+            self._pending.append(job)
+            self._notify_queue()
+            self._cv.notify()
+        return job.future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finishes the queued jobs, then closes the target. Idempotent."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- thread ---------------------------------------------------------------------
+    def _notify_queue(self) -> None:
+        if self._on_queue is not None:
+            self._on_queue(len(self._pending))
+
+    def _main(self) -> None:
+        try:
+            self.target = self._loader()
+        except BaseException as e:  # the server reports it and exits
+            self.error = e
+            self.state = "failed"
+            log.error("engine failed to load: %s: %s", type(e).__name__, e)
+            if self._on_failed is not None:
+                self._on_failed(e)
+            return
+        with self._cv:
+            self.state = "ready" if not self._stopping else "stopped"
+        if self._on_ready is not None and self.state == "ready":
+            self._on_ready(self.target)
+        try:
+            while True:
+                with self._cv:
+                    while not self._pending and not self._stopping:
+                        self._cv.wait()
+                    if not self._pending:
+                        break
+                    batch = self._take_batch_locked()
+                    self._notify_queue()
+                if batch:
+                    self._run(batch)
+        finally:
+            with self._cv:
+                self.state = "stopped"
+                leftover = list(self._pending)
+                self._pending.clear()
+            for job in leftover:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(WorkerUnavailable("server is stopping"))
+            try:
+                self.target.close()
+            except Exception as e:  # closing must not mask the shutdown
+                log.warning("closing the engine raised %s: %s", type(e).__name__, e)
+
+    def _take_batch_locked(self) -> list[Job]:
+        """The oldest live job plus every queued job of its kind that fits the budget."""
+        batch: list[Job] = []
+        rows = seq = 0
+        kind = None
+        keep: collections.deque[Job] = collections.deque()
+        while self._pending:
+            job = self._pending.popleft()
+            if kind is not None and job.kind != kind:
+                keep.append(job)
+                continue
+            new_rows, new_seq = rows + job.rows, max(seq, job.seq_len)
+            if batch and new_rows * new_seq > self.max_batch_tokens:
+                keep.append(job)
+                continue
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the client went away before its turn
+            batch.append(job)
+            rows, seq, kind = new_rows, new_seq, job.kind
+        self._pending = keep
+        return batch
+
+    def _forward(self, kind: str, ids: torch.Tensor, mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.target is not None
+        runner = self.target.runner
+        if kind == "hidden":
+            return runner.forward_eagle3_hidden(ids, mask)  # type: ignore[attr-defined]
+        return runner.forward_eagle3(ids, mask)
+
+    def _run(self, batch: list[Job]) -> None:
+        kind = batch[0].kind
+        rows = sum(j.rows for j in batch)
+        seq = max(j.seq_len for j in batch)
+        ids = torch.zeros((rows, seq), dtype=torch.int64)
+        mask = torch.zeros((rows, seq), dtype=torch.int64)
+        spans = []
+        r = 0
+        for job in batch:
+            ids[r:r + job.rows, :job.seq_len] = job.input_ids
+            mask[r:r + job.rows, :job.seq_len] = job.attention_mask
+            spans.append((r, r + job.rows))
+            r += job.rows
+        t0 = time.perf_counter()
+        try:
+            out, aux = self._forward(kind, ids, mask)
+        except BaseException as e:
+            out = aux = None
+            self._recover(batch, e)
+            return
+        for job, (r0, r1) in zip(batch, spans):
+            job.batch_requests = len(batch)
+            try:
+                res = postprocess(job, out[r0:r1, :job.seq_len], aux[r0:r1, :job.seq_len])
+                res, job.host_ready = self._to_host(res)
+            except BaseException as e:
+                self._fail(job, e)
+                continue
+            job.future.set_result(res)
+        del out, aux
+        dt = time.perf_counter() - t0
+        if self._on_batch is not None:
+            self._on_batch(kind, len(batch), rows * seq, int(mask.sum()), dt)
+
+    def _recover(self, batch: list[Job], exc: BaseException) -> None:
+        if isinstance(exc, _OOM_TYPES):
+            self._free_memory()
+        if len(batch) > 1:
+            log.warning("merged engine call of %d requests raised %s; running them one by one",
+                        len(batch), type(exc).__name__)
+            for job in batch:
+                self._run([job])
+            return
+        self._fail(batch[0], exc)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if isinstance(exc, _OOM_TYPES):
+            self._free_memory()
+            if self._on_oom is not None:
+                self._on_oom()
+            err: BaseException = EngineOverloaded(
+                f"engine out of memory on {job.rows}x{job.seq_len} tokens")
+        elif isinstance(exc, (ValueError, EngineOverloaded, EngineFailed)):
+            err = exc
+        else:
+            log.exception("engine error on a %dx%d %s request", job.rows, job.seq_len, job.mode,
+                          exc_info=exc)
+            err = EngineFailed(f"{type(exc).__name__}: {exc}")
+        job.future.set_exception(err)
+
+    def _to_host(self, res: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """Starts copying a GPU result to pinned host memory on a side stream, so the
+        next engine call is launched while the copy engine drains this one; the handler
+        waits on the returned event. CPU results come back as they are."""
+        on_gpu = [v for v in res.values() if v.is_cuda]
+        if not on_gpu:
+            return {k: v.to("cpu") for k, v in res.items()}, None
+        dev = on_gpu[0].device
+        stream = self._copy_streams.get(dev)
+        if stream is None:
+            stream = self._copy_streams[dev] = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        host: dict[str, torch.Tensor] = {}
+        with torch.cuda.stream(stream):
+            for k, v in res.items():
+                if not v.is_cuda:
+                    host[k] = v.to("cpu")
+                    continue
+                h = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                h.copy_(v, non_blocking=True)
+                v.record_stream(stream)  # keep the device memory until the copy is done
+                host[k] = h
+            done = torch.cuda.Event()
+            done.record(stream)
+        return host, done
+
+    @staticmethod
+    def _free_memory() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> dict[str, Any]:
+        return {"state": self.state, "queue_depth": self.queue_depth(),
+                "max_batch_tokens": self.max_batch_tokens}

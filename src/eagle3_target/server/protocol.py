@@ -1,0 +1,252 @@
+"""The native ``/v1`` protocol: names, modes, parameters, request validation, errors.
+
+Shared by the server (which parses and checks) and the client (which builds requests),
+so the two can never disagree on a key name. ``docs/protocol.md`` is the prose version.
+
+Every check raises :class:`ApiError` with an HTTP status, a stable machine-readable
+``error`` code and a ``detail`` that names the field, what was expected and what came.
+Nothing here touches the engine: a request is fully validated before it is queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MODES",
+    "MAX_TOPK",
+    "OUTPUT_DTYPES",
+    "INPUT_KEYS",
+    "RESPONSE_KEYS",
+    "ApiError",
+    "SupervisionParams",
+    "parse_supervision_params",
+    "check_inputs",
+    "decode_safetensors",
+    "encode_safetensors",
+]
+
+PROTOCOL_VERSION = 1
+
+MODES = ("logits", "draft", "hidden", "topk")
+MAX_TOPK = 64
+
+# Requested wire dtype of float outputs; "auto" keeps the model's dtype (fp32 for
+# target_probs and logsumexp, which are computed in fp32).
+OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+# Tensors in a /v1/supervision response, per mode.
+RESPONSE_KEYS: dict[str, tuple[str, ...]] = {
+    "logits": ("aux_hidden_states", "logits"),
+    "draft": ("aux_hidden_states", "target_probs", "position_mask"),
+    "hidden": ("aux_hidden_states", "final_hidden"),
+    "topk": ("aux_hidden_states", "topk_values", "topk_indices", "logsumexp"),
+}
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_MASK_DTYPES = _INT_DTYPES + (torch.bool,)
+
+
+class ApiError(Exception):
+    """An error the server answers with ``status`` and JSON ``{"error", "detail"}``."""
+
+    def __init__(self, status: int, error: str, detail: str, *, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.field = field
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error, "detail": self.detail}
+        if self.field is not None:
+            out["field"] = self.field
+        return out
+
+
+@dataclass(frozen=True)
+class SupervisionParams:
+    """Query parameters of ``POST /v1/supervision``."""
+
+    mode: str = "logits"
+    mapping_id: str | None = None
+    dtype: str = "auto"
+    k: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_query(self) -> dict[str, str]:
+        q = {"mode": self.mode}
+        if self.mapping_id is not None:
+            q["mapping_id"] = self.mapping_id
+        if self.dtype != "auto":
+            q["dtype"] = self.dtype
+        if self.k is not None:
+            q["k"] = str(self.k)
+        return q
+
+
+def _bad_param(name: str, detail: str) -> ApiError:
+    return ApiError(422, "invalid_parameter", f"query parameter {name!r}: {detail}", field=name)
+
+
+def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
+    """Checks the query of ``/v1/supervision``; unknown names are an error, not ignored."""
+    known = {"mode", "mapping_id", "dtype", "k"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise _bad_param(unknown[0], f"unknown parameter (known: {', '.join(sorted(known))})")
+    mode = query.get("mode", "logits")
+    if mode not in MODES:
+        raise _bad_param("mode", f"got {mode[:64]!r}, expected one of {', '.join(MODES)}")
+    dtype = query.get("dtype", "auto")
+    if dtype not in OUTPUT_DTYPES:
+        raise _bad_param("dtype", f"got {dtype[:64]!r}, expected one of {', '.join(OUTPUT_DTYPES)}")
+    mapping_id = query.get("mapping_id")
+    if mode == "draft":
+        if not mapping_id:
+            raise _bad_param("mapping_id", "required in draft mode (register the mapping with "
+                                           "POST /v1/vocab_mapping first)")
+        if len(mapping_id) > 128 or not mapping_id.isalnum():
+            raise _bad_param("mapping_id", f"got {mapping_id[:64]!r}, expected the hex id "
+                                           "returned by /v1/vocab_mapping")
+    elif mapping_id is not None:
+        raise _bad_param("mapping_id", f"only used in draft mode, not in {mode} mode")
+    k: int | None = None
+    if mode == "topk":
+        raw = query.get("k")
+        if raw is None:
+            raise _bad_param("k", f"required in topk mode (1..{MAX_TOPK})")
+        try:
+            k = int(raw)
+        except ValueError:
+            raise _bad_param("k", f"got {raw[:64]!r}, expected an integer 1..{MAX_TOPK}") from None
+        if not 1 <= k <= MAX_TOPK:
+            raise _bad_param("k", f"got {k}, expected 1..{MAX_TOPK}")
+    elif "k" in query:
+        raise _bad_param("k", f"only used in topk mode, not in {mode} mode")
+    return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=dtype, k=k)
+
+
+def _invalid(field_name: str, detail: str, error: str = "invalid_input") -> ApiError:
+    return ApiError(422, error, f"{field_name}: {detail}", field=field_name)
+
+
+def check_inputs(
+    tensors: Mapping[str, torch.Tensor | None],
+    *,
+    vocab_size: int,
+    need_loss_mask: bool,
+    max_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validates request tensors and returns ``(input_ids, attention_mask, loss_mask)``
+    as ``[B,S] int64`` (loss_mask None where absent and not needed).
+
+    Raises ApiError 422 naming the field (missing, unknown, dtype, shape, range, mask
+    values, empty rows), or 413 when ``B*S`` exceeds ``max_tokens``.
+    """
+    unknown = sorted(set(tensors) - set(INPUT_KEYS))
+    if unknown:
+        raise _invalid(unknown[0], f"unknown tensor (expected {', '.join(INPUT_KEYS)})")
+    required = ["input_ids", "attention_mask"] + (["loss_mask"] if need_loss_mask else [])
+    for name in required:
+        if tensors.get(name) is None:
+            raise _invalid(name, "missing", error="missing_input")
+    ids = tensors["input_ids"]
+    assert ids is not None
+    for name in INPUT_KEYS:
+        t = tensors.get(name)
+        if t is None:
+            continue
+        allowed = _INT_DTYPES if name == "input_ids" else _MASK_DTYPES
+        if t.dtype not in allowed:
+            kinds = "an integer" if name == "input_ids" else "an integer or bool"
+            raise _invalid(name, f"must be {kinds} tensor, got dtype {t.dtype}".replace("torch.", ""))
+        if t.dim() != 2:
+            raise _invalid(name, f"must be 2-D [B,S], got shape {list(t.shape)}")
+        if name != "input_ids" and tuple(t.shape) != tuple(ids.shape):
+            raise _invalid(name, f"shape {list(t.shape)} differs from input_ids shape "
+                                 f"{list(ids.shape)}")
+    b, s = ids.shape
+    if b == 0 or s == 0:
+        raise _invalid("input_ids", f"empty batch: shape {[b, s]}")
+    if b * s > max_tokens:
+        raise ApiError(413, "too_many_tokens",
+                       f"input_ids: {b}x{s} = {b * s} tokens exceeds this server's limit of "
+                       f"{max_tokens} tokens per request (split the batch)", field="input_ids")
+    ids = ids.to(torch.int64)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        where = bad.nonzero()[:3].tolist()
+        vals = ids[bad][:3].tolist()
+        raise _invalid("input_ids", f"token ids must lie in [0, {vocab_size}); got {vals} at "
+                                    f"[row, col] {where}")
+    out: dict[str, torch.Tensor | None] = {}
+    for name in ("attention_mask", "loss_mask"):
+        t = tensors.get(name)
+        if t is None:
+            out[name] = None
+            continue
+        t = t.to(torch.int64)
+        bad = (t != 0) & (t != 1)
+        if bool(bad.any()):
+            vals = sorted(set(t[bad].tolist()))[:3]
+            raise _invalid(name, f"must hold only 0 and 1, got {vals}")
+        out[name] = t
+    mask = out["attention_mask"]
+    assert mask is not None
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise _invalid("attention_mask", f"rows {empty[:5]} have no real token")
+    return ids, mask, out["loss_mask"]
+
+
+def decode_safetensors(body: bytes, what: str = "body") -> dict[str, torch.Tensor]:
+    """Parses a safetensors body; raises ApiError 400 naming the problem."""
+    if not body:
+        raise ApiError(400, "bad_body", f"{what} is empty: expected safetensors bytes")
+    try:
+        tensors = st_load(bytes(body))
+    except SafetensorError as e:
+        raise ApiError(400, "bad_body", f"{what} is not valid safetensors: {e}") from None
+    except Exception as e:  # safetensors raises plain errors on some malformed headers
+        raise ApiError(400, "bad_body", f"{what} is not valid safetensors: "
+                                        f"{type(e).__name__}: {e}") from None
+    for k, t in tensors.items():
+        # A bool tensor whose bytes are not 0/1 is undefined behaviour in torch.
+        if t.dtype == torch.bool and t.numel() and bool((t.view(torch.uint8) > 1).any()):
+            raise ApiError(400, "bad_body", f"{k}: bool tensor holds bytes other than 0 and 1",
+                           field=k)
+    return tensors
+
+
+def encode_safetensors(tensors: Mapping[str, torch.Tensor],
+                       metadata: Mapping[str, str] | None = None) -> bytes:
+    """CPU tensors -> safetensors bytes (contiguous copies where needed)."""
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (a caller passing one mask twice).
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        if v.numel():
+            seen.add(v.untyped_storage().data_ptr())
+        flat[k] = v
+    return st_save(flat, metadata=dict(metadata) if metadata else None)
