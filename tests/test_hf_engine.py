@@ -10,7 +10,7 @@ from torch import nn
 from eagle3_target import Eagle3TargetModel
 from eagle3_target.engines.hf import HFTargetRunner, find_decoder_layers
 
-from conftest import right_padded_batch
+from batches import right_padded_batch
 
 
 def _tiny(kind: str, layers: int = 6) -> nn.Module:
