@@ -20,7 +20,7 @@ MODES = ("logits", "hidden", "draft", "logits")
 def test_eight_clients_get_their_own_answers_from_merged_batches(server, token, reference):
     mapping = build_vocab_mapping(torch.arange(reference.vocab_size) % 97, 200)
     auth = {"Authorization": f"Bearer {token}"}
-    before = httpx.get(server.url + "/metrics", headers=auth, trust_env=False).text
+    before = httpx.get(server.url + "/metrics", headers=auth, trust_env=False, timeout=60).text
     results: dict[tuple[int, int], object] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(CLIENTS)
@@ -64,7 +64,7 @@ def test_eight_clients_get_their_own_answers_from_merged_batches(server, token, 
         else:
             torch.testing.assert_close(got.logits, ref.logits, **tol)
 
-    after = httpx.get(server.url + "/metrics", headers=auth, trust_env=False).text
+    after = httpx.get(server.url + "/metrics", headers=auth, trust_env=False, timeout=60).text
     d = lambda name, **kw: metric(after, name, **kw) - metric(before, name, **kw)  # noqa: E731
     calls = d("eagle3_engine_batch_requests_count")
     served = d("eagle3_engine_batch_requests_sum")

@@ -81,7 +81,7 @@ def test_sigterm_lets_the_request_in_flight_finish(pair, token):
     t = threading.Thread(target=call)
     t.start()
     deadline = time.monotonic() + 30
-    while metric(httpx.get(b.url + "/metrics", headers=auth, trust_env=False).text,
+    while metric(httpx.get(b.url + "/metrics", headers=auth, trust_env=False, timeout=60).text,
                  "eagle3_requests_in_flight") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -92,7 +92,7 @@ def test_sigterm_lets_the_request_in_flight_finish(pair, token):
     assert len(r.content) > 8 * 512 * 2048 * 4  # the whole logits tensor came back
     assert "stopped" in b.output()
     with pytest.raises(httpx.TransportError):
-        httpx.get(b.url + "/health", trust_env=False)
+        httpx.get(b.url + "/health", trust_env=False, timeout=60)
 
 
 def test_kill_9_then_restart_on_the_same_port(tiny_path, token, reference):
@@ -107,7 +107,8 @@ def test_kill_9_then_restart_on_the_same_port(tiny_path, token, reference):
         restarted["srv"] = ServerProcess(server_args(tiny_path, "--port", port), token=token).start()
 
     try:
-        with RemoteTarget(srv.url, token=token, mode="logits", retries=40, backoff=0.1,
+        # ~2 minutes of retries: a restart is slow on a loaded 2-core machine.
+        with RemoteTarget(srv.url, token=token, mode="logits", retries=150, backoff=0.1,
                           max_backoff=1.0) as rt:
             for i, args in enumerate(inputs):
                 seen.append(rt.generate_batch(*args))
@@ -117,7 +118,7 @@ def test_kill_9_then_restart_on_the_same_port(tiny_path, token, reference):
             assert rt.stats["retries"] >= 1
     finally:
         srv.kill()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while "srv" not in restarted and time.monotonic() < deadline:
             time.sleep(0.1)
         if "srv" in restarted:
@@ -135,25 +136,28 @@ def oom_server(tiny_path, token):
     srv = ServerProcess([], token=token, command=[sys.executable, FAULT_SERVER, tiny_path,
                                                   "256", "2.0", "--exit-on-disconnect"])
     srv.start(wait_healthy=False)
+    # The loader sleeps 2 s after the socket listens: the first probe sees it loading.
+    srv.first_health = httpx.get(srv.url + "/health", trust_env=False, timeout=60)
+    deadline = time.monotonic() + 180
+    while httpx.get(srv.url + "/health", trust_env=False, timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, srv.output()
+        time.sleep(0.05)
     yield srv
     srv.stop()
 
 
 def test_503_while_loading_then_ready(oom_server):
-    r = httpx.get(oom_server.url + "/health", trust_env=False)
+    r = oom_server.first_health
     assert r.status_code == 503 and r.json() == {"status": "loading"}
     assert r.headers["retry-after"]
-    deadline = time.monotonic() + 60
-    while httpx.get(oom_server.url + "/health", trust_env=False).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert httpx.get(oom_server.url + "/health", trust_env=False, timeout=60).json() == {"status": "ok"}
 
 
 def test_generate_before_set_vocab_mapping_is_409(oom_server, token):
     ids, mask, loss = make_inputs(1, 1, 8)
     r = httpx.post(oom_server.url + "/generate", headers={"Authorization": f"Bearer {token}"},
                    content=nmet.encode({"input_ids": ids, "attention_mask": mask,
-                                        "loss_mask": loss}), trust_env=False)
+                                        "loss_mask": loss}), trust_env=False, timeout=60)
     assert r.status_code == 409 and r.json()["error"] == "no_vocab_mapping"
 
 
@@ -185,13 +189,13 @@ def test_engine_oom_is_503_with_retry_after_and_the_server_keeps_serving(oom_ser
         assert r.status_code == 200, r.text
         ref = reference.generate_batch(*args)
         torch.testing.assert_close(load(r.content)["logits"], ref.logits, rtol=1e-4, atol=1e-4)
-    text = httpx.get(oom_server.url + "/metrics", headers=auth, trust_env=False).text
+    text = httpx.get(oom_server.url + "/metrics", headers=auth, trust_env=False, timeout=60).text
     assert metric(text, "eagle3_engine_oom_total") >= 1
     assert metric(text, "eagle3_errors_total", endpoint="/v1/supervision", code="503") == 1
 
 
 def test_exit_on_disconnect(oom_server, token):
     r = httpx.post(oom_server.url + "/disconnect", headers={"Authorization": f"Bearer {token}"},
-                   content=b"{}", trust_env=False)
+                   content=b"{}", trust_env=False, timeout=60)
     assert r.json() == {"status": "ok"}
     assert oom_server.proc.wait(30) == 0

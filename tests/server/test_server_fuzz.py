@@ -203,7 +203,7 @@ def draft_mapping_id(server, token):
 
     ids = torch.arange(0, V, 3)
     r = httpx.post(server.url + "/v1/vocab_mapping", headers={"Authorization": f"Bearer {token}"},
-                   content=encode_safetensors({"selected_token_ids": ids}), trust_env=False)
+                   content=encode_safetensors({"selected_token_ids": ids}), trust_env=False, timeout=60)
     return r.json()["mapping_id"]
 
 
@@ -216,7 +216,7 @@ def nemo_mapping_set(server, token):
     mask[ids] = True
     r = httpx.post(server.url + "/set_vocab_mapping", headers={"Authorization": f"Bearer {token}"},
                    content=nmet.encode({"selected_token_ids": ids, "selected_token_mask": mask}),
-                   trust_env=False)
+                   trust_env=False, timeout=60)
     assert r.json() == {"status": "ok"}
     return True
 

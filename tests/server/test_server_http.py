@@ -30,7 +30,7 @@ def _basic(user: str, password: str) -> str:
 def test_every_endpoint_but_health_needs_the_token(server, token, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": _basic("u", "wrong")},
                     {"Authorization": f"Token {token}"}):
-        r = httpx.request(method, server.url + path, headers=headers, content=b"", trust_env=False)
+        r = httpx.request(method, server.url + path, headers=headers, content=b"", trust_env=False, timeout=60)
         assert r.status_code == 401, (headers, r.text)
         assert r.json()["error"] == "unauthorized"
         assert "Bearer" in r.headers["www-authenticate"]
@@ -38,12 +38,12 @@ def test_every_endpoint_but_health_needs_the_token(server, token, method, path):
 
 def test_bearer_and_basic_are_accepted_and_health_is_open(server, token):
     get = lambda headers: httpx.get(server.url + "/v1/model_info", headers=headers,  # noqa: E731
-                                    trust_env=False)
+                                    trust_env=False, timeout=60)
     assert get({"Authorization": f"Bearer {token}"}).status_code == 200
     assert get({"Authorization": _basic("anyone", token)}).status_code == 200
     assert httpx.get(server.url.replace("http://", f"http://x:{token}@") + "/v1/model_info",
-                     trust_env=False).status_code == 200
-    assert httpx.get(server.url + "/health", trust_env=False).json() == {"status": "ok"}
+                     trust_env=False, timeout=60).status_code == 200
+    assert httpx.get(server.url + "/health", trust_env=False, timeout=60).json() == {"status": "ok"}
 
 
 def test_unknown_paths_404_and_wrong_methods_405_as_json(http):

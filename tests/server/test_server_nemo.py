@@ -81,23 +81,23 @@ def test_nemo_client_gets_nemo_in_process_supervision(nemo_client, nemo_inproces
 
 def test_disconnect_is_acknowledged_and_the_server_keeps_serving(server, token, nemo_client):
     nemo_client.close()  # POSTs /disconnect
-    r = httpx.get(f"{server.url}/health", trust_env=False)
+    r = httpx.get(f"{server.url}/health", trust_env=False, timeout=60)
     assert r.status_code == 200
     auth = {"Authorization": f"Bearer {token}"}
     for path, expect in (("/init_nccl", {"status": "disabled"}), ("/heartbeat", {"status": "ok"}),
                          ("/disconnect", {"status": "ok"})):
-        r = httpx.post(server.url + path, content=b"{}", headers=auth, trust_env=False)
+        r = httpx.post(server.url + path, content=b"{}", headers=auth, trust_env=False, timeout=60)
         assert (r.status_code, r.json()) == (200, expect)
         assert r.headers["content-type"] == "application/json"
 
 
 def test_generate_response_is_nmet_in_nemo_key_order(server, token, mapping):
     auth = {"Authorization": f"Bearer {token}"}
-    httpx.post(server.url + "/set_vocab_mapping", headers=auth, trust_env=False,
+    httpx.post(server.url + "/set_vocab_mapping", headers=auth, trust_env=False, timeout=60,
                content=nemo_wire.encode_to_bytes({"selected_token_ids": mapping.selected_token_ids,
                                                   "selected_token_mask": mapping.selected_token_mask}))
     ids, mask, loss = make_inputs(300, 2, 12)
-    r = httpx.post(server.url + "/generate", headers=auth, trust_env=False,
+    r = httpx.post(server.url + "/generate", headers=auth, trust_env=False, timeout=60,
                    content=nmet.encode({"input_ids": ids, "attention_mask": mask, "loss_mask": loss}))
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     out = nmet.decode(r.content)
@@ -110,7 +110,7 @@ def test_generate_response_is_nmet_in_nemo_key_order(server, token, mapping):
 def test_nemo_endpoints_validate_like_the_native_ones(server, token):
     auth = {"Authorization": f"Bearer {token}"}
     post = lambda path, body: httpx.post(server.url + path, headers=auth, content=body,  # noqa: E731
-                                         trust_env=False)
+                                         trust_env=False, timeout=60)
     r = post("/generate", b"NMET-but-not-really")
     assert r.status_code == 400 and "magic" in r.json()["detail"]
     ids, mask, loss = make_inputs(1, 1, 4)

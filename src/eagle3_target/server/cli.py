@@ -71,7 +71,7 @@ def check_bind(host: str, token: str | None, insecure: bool) -> None:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket; port 0 picks a free port."""
+    """A bound, listening TCP socket; port 0 picks a free port."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
     # proto says TCP, and without it every keep-alive response waits ~40 ms on Nagle
@@ -82,6 +82,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
+        # Listening before the "listening" line: a client that connects while uvicorn
+        # is still starting waits in the backlog instead of being refused.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
