@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs the SGLang engine's GPU validation and/or benchmark on a device-tool machine.
 #
-#   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...      STAGE: validate-tiny validate-8b bench
+#   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
+#   STAGE: validate-tiny validate-8b bench bench-server bench-dump
 #
 # GPU_DIR (carried, git-ignored) holds bundle/ (../shared/gpu/build-sglang-bundle.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
-# earlier run), and code/ (src/, scripts/, bench/ of this repository). Results and one log
+# earlier run), code/ (src/, scripts/, bench/ of this repository) and, for the server and
+# dump stages, extra/ (wheels the GPU image lacks: fastapi, uvicorn, httpx, prometheus-client,
+# tqdm and their pure-Python dependencies). Results and one log
 # go to $OUT; the flashinfer JIT cache is packed to $OUT/fi-cache.tgz for the next run.
 set -uo pipefail
 G=$(cd "${1:?usage: sglang_device.sh GPU_DIR STAGE...}" && pwd); shift
@@ -15,6 +18,9 @@ exec > >(tee -a "$LOG") 2>&1
 echo "== $(date -u +%FT%TZ) stages: $*"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bash "$G/bundle/install.sh" | tail -1
+if [ -d "$G/extra" ]; then
+  python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site "$G"/extra/*.whl 2>&1 | tail -2
+fi
 tar xzf "$G/jit-caches-sglang-0.5.16-h100.tgz" -C /tmp
 [ -f "$G/fi-cache.tgz" ] && mkdir -p /tmp/fiws && tar xzf "$G/fi-cache.tgz" -C /tmp/fiws
 export PYTHONPATH=/tmp/site:$G/code/src SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 \
@@ -41,6 +47,22 @@ for stage in "$@"; do
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 420 python3 "$G/code/bench/bench_sglang.py" --model /tmp/llama8b --batch 8 --seq 2048 \
         --attention-backend flashinfer --out "$OUT/bench_sglang.json" ;;
+    bench-server)
+      # Server vs in-process on the 8B shape; triton attention (its JIT cache is carried).
+      step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
+      step 420 python3 "$G/code/bench/bench_server.py" --model /tmp/llama8b --engine sglang \
+        --device cuda --dtype bfloat16 --batch 4 --seq-len 2048 --clients 1,2 --runs 6 --repeat 2 \
+        --modes hidden,logits,draft --engine-arg attention_backend=triton \
+        | tee "$OUT/bench_server.txt" ;;
+    bench-dump)
+      step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
+      # The 8B shape has no tokenizer of its own: borrow the tiny model's (its ids all lie
+      # below the 8B vocabulary) so the dump can render the sample chats.
+      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+      cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/
+      step 420 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
+        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 1024 \
+        | tee "$OUT/bench_dump.txt" ;;
     *) echo "unknown stage $stage"; rc=1 ;;
   esac
 done
