@@ -31,6 +31,11 @@ from typing import Any
 import torch
 
 
+def progress(msg: str) -> None:
+    """One timestamped line on stderr, so a long GPU run shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if not interleave:
         for m in modes:
             base[m] = [inprocess_tps(target, m, mapping, args) for _ in range(args.repeat)]
+            progress(f"in-process {m}: {statistics.median(base[m]):,.0f} tokens/s")
         target.close()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -227,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             flags += ["--aux-layers", args.aux_layers]
         for e in args.engine_arg:
             flags += ["--engine-arg", e]
+        progress("starting the server")
         srv = ServerProcess(flags, token=token).start(timeout=1800)
+        progress(f"server ready at {srv.url}")
         url = srv.url
     served: dict[tuple[str, int], list[tuple[float, float]]] = {}
     pool = None
@@ -239,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                     base[m].append(inprocess_tps(target, m, mapping, args))
                 for c in clients:
                     served.setdefault((m, c), []).append(pool.run(m, c))
+                    progress(f"server {m}, {c} client(s): {served[(m, c)][-1][0]:,.0f} tokens/s")
     finally:
         if pool is not None:
             pool.close()

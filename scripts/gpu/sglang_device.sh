@@ -8,7 +8,7 @@
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
 # earlier run), code/ (src/, scripts/, bench/ of this repository) and, for the server and
 # dump stages, extra/ (wheels the GPU image lacks: fastapi, uvicorn, httpx, prometheus-client,
-# tqdm and their pure-Python dependencies). Results and one log
+# tqdm, opentelemetry-api and their pure-Python dependencies). Results and one log
 # go to $OUT; the flashinfer JIT cache is packed to $OUT/fi-cache.tgz for the next run.
 set -uo pipefail
 G=$(cd "${1:?usage: sglang_device.sh GPU_DIR STAGE...}" && pwd); shift
@@ -30,7 +30,9 @@ S=$G/code/scripts/gpu
 rc=0
 step() {  # step SECONDS CMD...: a hang in one stage must not eat the whole call
   echo "== $(date -u +%T) $*"
-  timeout "$@" || { echo "== FAILED ($?): $*"; rc=1; }
+  timeout "$@"; local status=$?
+  [ $status = 0 ] || { echo "== FAILED ($status): $*"; rc=1; }
+  return $status
 }
 for stage in "$@"; do
   case $stage in
@@ -50,10 +52,10 @@ for stage in "$@"; do
     bench-server)
       # Server vs in-process on the 8B shape; triton attention (its JIT cache is carried).
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
-      step 420 python3 "$G/code/bench/bench_server.py" --model /tmp/llama8b --engine sglang \
-        --device cuda --dtype bfloat16 --batch 4 --seq-len 2048 --clients 1,2 --runs 6 --repeat 2 \
-        --modes hidden,logits,draft --engine-arg attention_backend=triton \
-        | tee "$OUT/bench_server.txt" ;;
+      step 500 python3 "$G/code/bench/bench_server.py" --model /tmp/llama8b --engine sglang \
+        --device cuda --dtype bfloat16 --batch 4 --seq-len 2048 --clients 1,2 --runs 4 --repeat 1 \
+        --modes hidden,logits --engine-arg attention_backend=triton \
+        | tee "$OUT/bench_server.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-dump)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       # The 8B shape has no tokenizer of its own: borrow the tiny model's (its ids all lie
@@ -62,7 +64,7 @@ for stage in "$@"; do
       cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/
       step 420 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
         --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 1024 \
-        | tee "$OUT/bench_dump.txt" ;;
+        | tee "$OUT/bench_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     *) echo "unknown stage $stage"; rc=1 ;;
   esac
 done
