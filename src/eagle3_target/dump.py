@@ -109,6 +109,10 @@ class TargetSource(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``hidden_size``, ``vocab_size``, ``dtype`` (probed with a two-token forward
+    # when absent) and ``set_vocab_mapping(mapping)`` (then ``generate_batch`` may return
+    # ``target_probs``/``position_mask`` instead of ``logits`` in draft mode).
+
 
 # --------------------------------------------------------------------------- config
 
@@ -688,7 +692,14 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
         except ImportError as e:
             raise ValueError(f"--server needs eagle3_target.client.RemoteTarget, which this build "
                              f"does not have ({e})") from None
-        return RemoteTarget(list(cfg.server))
+        client = RemoteTarget(list(cfg.server), mode=cfg.mode)
+        needs = {"hidden": ("generate_hidden", "lm_head")}.get(cfg.mode, ("generate_batch",))
+        missing = [n for n in needs if not hasattr(client, n)]
+        if missing:
+            client.close()
+            raise ValueError(f"--mode {cfg.mode} over --server needs RemoteTarget.{', '.join(missing)}, "
+                             f"which this client does not have")
+        return client
     from eagle3_target import Eagle3TargetModel
     from eagle3_target.cli import _quiet_transformers, resolve_model
 
