@@ -356,3 +356,38 @@ def test_server_without_client_is_a_clear_error(tmp_path, tiny_model_dir, data_f
     with pytest.raises(ValueError, match="eagle3_target.client.RemoteTarget"):
         run_dump(cfg)
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["hidden", "draft", "logits"])
+def test_streamed_shard_bytes_equal_safetensors_save(dtype, mode):
+    """Our streaming writer emits exactly the bytes safetensors.torch.save would."""
+    from safetensors.torch import load, save
+
+    from eagle3_target.dump import MODES, ShardJob, _header_meta, pack_shard
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (5, 1, 9):
+        s = {"input_ids": torch.randint(0, 50, (n,), generator=g),
+             "loss_mask": torch.randint(0, 2, (n,), generator=g).to(torch.uint8),
+             "aux_hidden_states": torch.randn(n, 12, generator=g).to(dtype)}
+        if mode == "hidden":
+            s["hidden_states"] = torch.randn(n, 4, generator=g).to(dtype)
+        elif mode == "logits":
+            s["logits"] = torch.randn(n, 7, generator=g).to(dtype)
+        else:
+            s["target_probs"] = torch.rand(n, 6, generator=g)
+            s["position_mask"] = torch.rand(n, generator=g) > 0.5
+        samples.append(s)
+    fields = ["input_ids", "loss_mask", "aux_hidden_states", *MODES[mode].fields]
+    entry = {"index": 0, "rows": [3, 11], "examples": {"malformed": [{"where": "données.jsonl:2"}]}}
+    job = ShardJob(0, "shard-00000.safetensors", entry, samples, [3, 7, 10])
+    ours = pack_shard(job, "ab" * 32, fields)
+    tensors = {f: torch.cat([s[f] for s in samples]) for f in fields}
+    tensors["offsets"] = torch.tensor([0, 5, 6, 15])
+    tensors["row_index"] = torch.tensor([3, 7, 10])
+    meta = _header_meta({"format": "eagle3-dump-v1", "config_sha256": "ab" * 32, "entry": entry})
+    assert ours == save(tensors, metadata=meta)
+    back = load(ours)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

@@ -86,8 +86,10 @@ def test_kill9_at_random_moments_and_at_every_commit_step(tmp_path, data, refere
             assert list(out.glob(".tmp-shard-*")) and on_disk == listed
         elif point.startswith("shard_renamed"):  # killed with a renamed shard the manifest lacks
             assert len(on_disk - listed) == 1
-        else:
+        elif point.startswith("manifest_written"):
             assert on_disk == listed
+        else:  # killed in the main thread: the writer may be between a rename and its record
+            assert listed <= on_disk and len(on_disk - listed) <= 1
         check_no_rewrite()
     # Random moments: startup, model load, hashing, mid-batch, mid-write.
     kills = 0

@@ -49,12 +49,13 @@ import json
 import os
 import queue
 import signal
+import struct
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -411,65 +412,124 @@ class ShardJob:
     expected_sha256: str | None = None  # a repair: the hash the manifest recorded
 
 
-def pack_shard(job: ShardJob, config_sha: str, fields: Sequence[str]) -> bytes:
-    """Serialises one shard (safetensors bytes; metadata carries its manifest entry)."""
-    from safetensors.torch import save
+# safetensors dtype codes, ranked as the library orders tensors in a file (larger first).
+_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.float16: ("F16", 2),
+    torch.bfloat16: ("BF16", 3), torch.int32: ("I32", 4), torch.float32: ("F32", 5),
+    torch.float64: ("F64", 6), torch.int64: ("I64", 7),
+}
 
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple[bytes, list[torch.Tensor]]:
+    """One shard as safetensors: ``(header bytes, tensor pieces in file order)``.
+
+    Streams what ``safetensors.torch.save`` would build in memory -- the same bytes (a
+    test holds us to that) -- without concatenating the samples or serialising a copy,
+    so a shard goes to disk and through sha256 in one pass over its tensors.
+    """
     lengths = [s["input_ids"].shape[0] for s in job.samples]
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    tensors = {name: torch.cat([s[name] for s in job.samples]).contiguous() for name in fields}
-    tensors["offsets"] = offsets
-    tensors["row_index"] = torch.tensor(job.rows, dtype=torch.int64)
+    parts: dict[str, list[torch.Tensor]] = {name: [s[name] for s in job.samples] for name in fields}
+    parts["offsets"] = [offsets]
+    parts["row_index"] = [torch.tensor(job.rows, dtype=torch.int64)]
+    order = sorted(parts, key=lambda n: (-_ST_DTYPES[parts[n][0].dtype][1], n))
     meta = {"format": FORMAT, "config_sha256": config_sha, "entry": job.entry}
-    return save(tensors, metadata=_header_meta(meta))
+    header: dict[str, Any] = {"__metadata__": _header_meta(meta)}
+    pos = 0
+    pieces: list[torch.Tensor] = []
+    for name in order:
+        ps = parts[name]
+        dt = ps[0].dtype
+        if any(p.dtype != dt or p.shape[1:] != ps[0].shape[1:] for p in ps):
+            raise RuntimeError(f"shard field {name}: samples disagree in dtype or width")
+        n = sum(p.numel() for p in ps) * ps[0].element_size()
+        shape = [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]
+        header[name] = {"dtype": _ST_DTYPES[dt][0], "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+        pieces += ps
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, pieces
+
+
+def pack_shard(job: ShardJob, config_sha: str, fields: Sequence[str]) -> bytes:
+    """One shard's file bytes, in memory (for tests and small shards)."""
+    header, pieces = shard_layout(job, config_sha, fields)
+    return header + b"".join(bytes(_byte_view(p)) for p in pieces)
 
 
 class ShardWriter:
-    """A background thread that serialises, hashes, writes and renames shards, then
-    records them in the manifest, so the target keeps running while a shard goes to disk.
-    At most ``depth`` finished shards wait in memory."""
+    """Writes shards in the background while the target keeps running.
+
+    ``threads`` workers each write a whole shard under a temporary name (header and
+    tensors streamed to disk and through sha256 in one pass, then fsync); one committer
+    renames them in index order and records each in the manifest, so the manifest
+    always lists a prefix of the shards. At most ``threads`` finished shards wait in
+    memory besides the one being committed.
+    """
 
     def __init__(self, out: Path, on_written: Callable[[ShardJob, dict[str, Any]], None],
-                 config_sha: str, fields: Sequence[str], tmp_tag: str, depth: int = 2):
+                 config_sha: str, fields: Sequence[str], tmp_tag: str, threads: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.out, self.on_written, self.config_sha = out, on_written, config_sha
         self.fields, self.tmp_tag = list(fields), tmp_tag
         self.error: BaseException | None = None
         self.bytes_written = 0
-        self._q: queue.Queue[ShardJob | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="eagle3-shard-writer", daemon=True)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eagle3-shard")
+        self._commits: queue.Queue = queue.Queue(maxsize=threads)
+        self._thread = threading.Thread(target=self._commit_loop, name="eagle3-shard-commit", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while (job := self._q.get()) is not None:
-            if self.error is not None:
-                continue
+    def _prepare(self, job: ShardJob) -> tuple[Path, str, int]:
+        header, pieces = shard_layout(job, self.config_sha, self.fields)
+        tmp = self.out / f".tmp-{self.tmp_tag}{job.name}"
+        h = hashlib.sha256(header)
+        size = len(header)
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for p in pieces:
+                mv = _byte_view(p)
+                h.update(mv)
+                f.write(mv)
+                size += mv.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp, h.hexdigest(), size
+
+    def _commit_loop(self) -> None:
+        while (item := self._commits.get()) is not None:
+            job, fut = item
             try:
-                data = pack_shard(job, self.config_sha, self.fields)
-                sha = hashlib.sha256(data).hexdigest()
-                final = self.out / job.name
-                tmp = self.out / f".tmp-{self.tmp_tag}{job.name}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                tmp, sha, size = fut.result()
+                if self.error is not None:
+                    continue
                 _kill_point("shard_written")
-                os.replace(tmp, final)
+                os.replace(tmp, self.out / job.name)
                 _fsync_dir(self.out)
                 _kill_point("shard_renamed")
-                self.bytes_written += len(data)
-                self.on_written(job, dict(job.entry, file=job.name, bytes=len(data), sha256=sha))
+                self.bytes_written += size
+                self.on_written(job, dict(job.entry, file=job.name, bytes=size, sha256=sha))
                 _kill_point("manifest_written")
             except BaseException as e:  # surfaced to the main thread by put()/close()
-                self.error = e
+                if self.error is None:
+                    self.error = e
 
     def put(self, job: ShardJob) -> None:
         self._check()
-        self._q.put(job)
+        self._commits.put((job, self._pool.submit(self._prepare, job)))
 
     def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._commits.put(None)
+            self._thread.join()
+            self._pool.shutdown(wait=True)
         self._check()
 
     def _check(self) -> None:
@@ -530,6 +590,23 @@ class DumpSummary:
         return out + ([f"  {s}" for s in skipped] if skipped else ["  no rows skipped"])
 
 
+def greedy_batches(samples: Iterable[Sample], batch_tokens: int) -> Iterator[list[Sample]]:
+    """Consecutive samples while rows x longest row stays within ``batch_tokens`` (a
+    longer sample runs alone). Memoryless at batch boundaries, which is what makes a
+    resumed run cut the same batches as an uninterrupted one."""
+    batch: list[Sample] = []
+    longest = 0
+    for item in samples:
+        n = len(item)
+        if batch and (len(batch) + 1) * max(longest, n) > batch_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(item)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
 class _Progress:
     def __init__(self, total: int, initial: int, enabled: bool | None):
         self.bar = None
@@ -585,21 +662,15 @@ class _Dumper:
 
     # -- production -------------------------------------------------------------------
     def _batches(self, start_row: int, pending: list[Skipped], counter: list[int]) -> Iterator[list[Sample]]:
-        batch: list[Sample] = []
-        longest = 0
-        for item in iter_samples(self.cfg.data, self.encoder, start=start_row, keep=self.cfg.owns):
-            counter[0] += 1
-            if isinstance(item, Skipped):
-                pending.append(item)
-                continue
-            n = len(item)
-            if batch and (len(batch) + 1) * max(longest, n) > self.cfg.batch_tokens:
-                yield batch
-                batch, longest = [], 0
-            batch.append(item)
-            longest = max(longest, n)
-        if batch:
-            yield batch
+        def samples() -> Iterator[Sample]:
+            for item in iter_samples(self.cfg.data, self.encoder, start=start_row, keep=self.cfg.owns):
+                counter[0] += 1
+                if isinstance(item, Skipped):
+                    pending.append(item)
+                else:
+                    yield item
+
+        return greedy_batches(samples(), self.cfg.batch_tokens)
 
     def _run_batch(self, batch: list[Sample]) -> list[dict[str, torch.Tensor]]:
         lengths = [len(s) for s in batch]
@@ -612,7 +683,8 @@ class _Dumper:
             attn[r, : len(s)] = 1
             lmask[r, : len(s)] = torch.tensor(s.loss_mask, dtype=torch.int64)
         out = self.spec.compute(self.source, ids, attn, lmask, lengths, self.mapping)
-        out = {k: v.detach().to("cpu") for k, v in out.items()}
+        # An owned CPU copy per batch: samples are views into it until their shard is written.
+        out = {k: v.detach().to("cpu", copy=True) for k, v in out.items()}
         aux = out["aux_hidden_states"]
         if _dtype_name(aux.dtype) != self.config["dtype"] or aux.shape[-1] != 3 * self.config["hidden_size"]:
             raise RuntimeError(f"the target returned aux_hidden_states {tuple(aux.shape)} {aux.dtype}, "
@@ -620,8 +692,8 @@ class _Dumper:
         rows = []
         for r, s in enumerate(batch):
             n = len(s)
-            row = {k: v[r, :n].clone() for k, v in out.items()}
-            row["input_ids"] = ids[r, :n].clone()
+            row = {k: v[r, :n] for k, v in out.items()}
+            row["input_ids"] = ids[r, :n]
             row["loss_mask"] = lmask[r, :n].to(torch.uint8)
             rows.append(row)
         return rows
@@ -906,7 +978,7 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
         else:
             d.writer.close()
     finally:
-        if d.writer.error is None and d.writer._thread.is_alive():
+        if d.writer.error is None:
             d.writer.close()
     for entry in bad:  # a regenerated shard must reproduce the bytes it replaced
         now = next(e for e in d.manifest["shards"] if e["index"] == entry["index"])
