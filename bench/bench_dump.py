@@ -29,7 +29,8 @@ import torch
 
 from eagle3_target.cli import add_model_args, load_target, parse_aux_layers, resolve_model
 from eagle3_target.data.chat import ChatEncoder, Sample, iter_samples, load_tokenizer, sample_data_path
-from eagle3_target.dump import MODES, DumpConfig, ShardJob, ShardWriter, greedy_batches, run_dump
+from eagle3_target.dump import MODES, DumpConfig, greedy_batches, run_dump
+from eagle3_target.shards import ShardJob, ShardWriter
 from eagle3_target.vocab import build_vocab_mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,9 @@ import torch
 
 from eagle3_target.cli import main as cli_main
 from eagle3_target.data.chat import ChatEncoder, iter_samples, load_tokenizer, sample_data_path
-from eagle3_target.dump import DumpConfig, read_manifest, run_dump, verify_dump
+from eagle3_target.dump import DumpConfig, run_dump
+from eagle3_target.shards import read_manifest
+from eagle3_target.verify import verify_dump
 from eagle3_target.reader import Eagle3Dataset, collate_eagle3, rebuild_supervision
 from eagle3_target.vocab import build_vocab_mapping, compute_target_distribution
 
@@ -364,7 +364,8 @@ def test_streamed_shard_bytes_equal_safetensors_save(dtype, mode):
     """Our streaming writer emits exactly the bytes safetensors.torch.save would."""
     from safetensors.torch import load, save
 
-    from eagle3_target.dump import MODES, ShardJob, _header_meta, pack_shard
+    from eagle3_target.dump import MODES
+    from eagle3_target.shards import ShardJob, header_meta, pack_shard
 
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -387,7 +388,7 @@ def test_streamed_shard_bytes_equal_safetensors_save(dtype, mode):
     tensors = {f: torch.cat([s[f] for s in samples]) for f in fields}
     tensors["offsets"] = torch.tensor([0, 5, 6, 15])
     tensors["row_index"] = torch.tensor([3, 7, 10])
-    meta = _header_meta({"format": "eagle3-dump-v1", "config_sha256": "ab" * 32, "entry": entry})
+    meta = header_meta({"format": "eagle3-dump-v1", "config_sha256": "ab" * 32, "entry": entry})
     assert ours == save(tensors, metadata=meta)
     back = load(ours)
     assert all(torch.equal(back[k], v) for k, v in tensors.items())

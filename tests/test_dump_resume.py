@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from eagle3_target.data.chat import sample_data_path
-from eagle3_target.dump import KILL_ENV, read_manifest
+from eagle3_target.shards import KILL_ENV, read_manifest
 
 N_ROWS = 300
 SEED = 5

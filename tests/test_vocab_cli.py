@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
 import torch
 from safetensors import safe_open
 

@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "eagle3_target.server.cli",
     "eagle3_target.vocab_cli",
     "eagle3_target.dump",
+    "eagle3_target.verify",
 ]
 
 

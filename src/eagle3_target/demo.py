@@ -110,7 +110,8 @@ def step_server(ctx: DemoContext) -> None:
 
 def step_offline_dump(ctx: DemoContext) -> None:
     from eagle3_target.data.chat import sample_data_path
-    from eagle3_target.dump import DumpConfig, run_dump, verify_dump
+    from eagle3_target.dump import DumpConfig, run_dump
+    from eagle3_target.verify import verify_dump
     from eagle3_target.reader import Eagle3Dataset
 
     data = ctx.workdir / "chats.jsonl"

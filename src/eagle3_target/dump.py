@@ -1,40 +1,25 @@
 """The offline dump: chat data -> sharded safetensors of EAGLE-3 supervision, written so
 that a killed job never costs a rerun or a silent error.
 
-Owns the on-disk format (:data:`FORMAT`), the writer (:func:`run_dump`), the checker
-(:func:`verify_dump`) and the ``dump``/``verify`` subcommands. The reader is
-:mod:`eagle3_target.reader`.
-
-Layout of ``OUT`` (worker ``i`` of ``K``; ``K == 1`` drops the ``-iiiii-of-KKKKK`` part)::
-
-    manifest[-iiiii-of-KKKKK].json          config, shards (sha256, rows, counts), summary
-    shard[-iiiii-of-KKKKK]-jjjjj.safetensors packed samples of one shard
-    lm_head.safetensors                     hidden mode: the LM head that rebuilds logits
-    .lock-iiiii-of-KKKKK, .tmp-*            the writer's lock and temporary files
-
-A shard packs its samples along the token axis (``T`` tokens, ``n`` samples):
-``input_ids [T] int64`` and ``loss_mask [T] uint8`` (unshifted, as rendered),
-``aux_hidden_states [T,3H]`` (unshifted), ``offsets [n+1] int64``, ``row_index [n] int64``
-(the global data row of each sample), and by mode, already in the EAGLE-3 alignment
-(row ``t`` supervises the prediction made at ``t``; each sample's last row is the zero
-tail): ``hidden`` -> ``hidden_states [T,H]`` (final norm), ``logits`` -> ``logits [T,V]``,
-``draft`` -> ``target_probs [T,Vd] fp32`` and ``position_mask [T] bool``. Float fields
-keep the target's dtype. Each sample holds exactly what ``generate_batch`` gives for
-that sample alone (a batch of one).
+Owns the writer job (:func:`run_dump`, the ``dump`` subcommand): rendering the data,
+batching, running the target per mode, cutting shards, resuming and repairing. The
+file format and the shard writer are :mod:`eagle3_target.shards`; the checker is
+:mod:`eagle3_target.verify`; the trainer's side is :mod:`eagle3_target.reader`. Each
+stored sample holds exactly what ``generate_batch`` gives for that sample alone.
 
 Guarantees, and how:
 
-- atomic: a shard is serialised in memory, hashed, written under ``.tmp-`` and fsynced,
-  then renamed; the manifest (itself written by temp + rename) lists it only after the
-  rename. A shard on disk that the manifest does not list yet (a kill between rename
-  and manifest) is adopted on the next run after its header is checked, not rewritten.
+- atomic: a shard is written under ``.tmp-``, hashed on the way, fsynced, then renamed;
+  the manifest (itself written by temp + rename) lists it only after the rename. A
+  shard on disk that the manifest does not list yet (a kill between rename and
+  manifest) is adopted on the next run after its header is checked, not rewritten.
 - resumable: the manifest's last shard says which data row comes next; a rerun of the
   same command continues there. Every finished shard is re-hashed first
   (``--trust-existing`` skips that); a damaged one is regenerated from its row range.
 - deterministic: samples keep data order, batches are cut greedily by
   ``--batch-tokens`` and shards by ``--shard-size-mb`` at batch boundaries, so the
   batch that starts after any shard is the same in every run; nothing run-dependent
-  (times, paths of temporary files) is stored. Interrupted or not, the bytes match.
+  (times, temporary names) is stored. Interrupted or not, the bytes match.
 - split: ``--num-shards K --shard-index i`` takes the rows ``r`` with ``r % K == i``;
   workers share nothing and write distinct files, so they can run on several machines
   and their outputs be copied into one folder.
@@ -44,16 +29,11 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
-import json
 import os
-import queue
-import signal
-import struct
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -61,8 +41,6 @@ import torch
 
 from eagle3_target.contract import Eagle3TargetBatch, LMHead
 from eagle3_target.data.chat import (
-    MALFORMED,
-    ZERO_SUPERVISION,
     ChatEncoder,
     DataReport,
     Sample,
@@ -73,25 +51,27 @@ from eagle3_target.data.chat import (
     sample_data_path,
     scan,
 )
+from eagle3_target.shards import (
+    FORMAT,
+    LM_HEAD_FILE,
+    ShardJob,
+    ShardWriter,
+    check_shard_file,
+    config_sha256,
+    dtype_name,
+    json_bytes,
+    kill_point,
+    model_fingerprint,
+    read_header_meta,
+    read_manifest,
+    save_lm_head,
+    sha256_file,
+    tokenizer_fingerprint,
+    write_atomic,
+)
 
-__all__ = [
-    "FORMAT",
-    "MODES",
-    "DumpConfig",
-    "DumpSummary",
-    "TargetSource",
-    "run_dump",
-    "verify_dump",
-    "VerifyReport",
-    "manifest_paths",
-    "read_manifest",
-    "load_lm_head",
-    "register",
-]
-
-FORMAT = "eagle3-dump-v1"
-LM_HEAD_FILE = "lm_head.safetensors"
-KILL_ENV = "EAGLE3_TARGET_DUMP_KILL_AT"
+__all__ = ["MODES", "ModeSpec", "DumpConfig", "DumpSummary", "TargetSource", "greedy_batches",
+           "run_dump", "register"]
 
 
 class TargetSource(Protocol):
@@ -249,294 +229,6 @@ MODES: dict[str, ModeSpec] = {
 }
 
 
-def expected_fields(config: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
-    """Per-token tensors of a shard: name -> (dtype name, width or None for 1-D)."""
-    dt, h = config["dtype"], config["hidden_size"]
-    out: dict[str, tuple[str, int | None]] = {
-        "input_ids": ("int64", None), "loss_mask": ("uint8", None),
-        "aux_hidden_states": (dt, 3 * h)}
-    mode = config["mode"]
-    if mode == "hidden":
-        out["hidden_states"] = (dt, h)
-    elif mode == "logits":
-        out["logits"] = (dt, config["vocab_size"])
-    else:
-        out["target_probs"] = ("float32", config["draft_vocab_size"])
-        out["position_mask"] = ("bool", None)
-    return out
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, tmp_tag: str = "") -> None:
-    """Writes ``data`` to ``path`` via ``.tmp-`` + fsync + rename + directory fsync."""
-    tmp = path.parent / f".tmp-{tmp_tag}{path.name}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _kill_point(name: str) -> None:
-    """Fault injection for the resume tests: ``EAGLE3_TARGET_DUMP_KILL_AT=name:n`` kills
-    this process with SIGKILL the n-th time it passes ``name``."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec or not spec.startswith(name + ":"):
-        return
-    counts = _kill_point.__dict__.setdefault("counts", {})
-    counts[name] = counts.get(name, 0) + 1
-    if counts[name] == int(spec.split(":")[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def manifest_paths(path: str | Path) -> list[Path]:
-    """The manifests in a dump folder (one per worker)."""
-    d = Path(path)
-    return sorted(p for p in d.glob("manifest*.json") if p.is_file())
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    try:
-        m = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an {FORMAT} manifest")
-    return m
-
-
-def _config_sha(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(tokenizer.get_chat_template()).encode())
-    h.update(json.dumps(list(getattr(tokenizer, "all_special_ids", []))).encode())
-    return h.hexdigest()
-
-
-def _model_fingerprint(path: str) -> str:
-    """Hash of config.json and the names and sizes of the weight files (hashing the
-    weights themselves would cost minutes on a large model)."""
-    d = Path(path)
-    h = hashlib.sha256()
-    cfg = d / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    for p in sorted(d.iterdir()):
-        if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file():
-            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-    return h.hexdigest()
-
-
-def save_lm_head(path: Path, head: LMHead, tmp_tag: str) -> None:
-    from safetensors.torch import save
-
-    tensors = {"weight": head.weight.detach().cpu().contiguous()}
-    if head.bias is not None:
-        tensors["bias"] = head.bias.detach().cpu().contiguous()
-    meta = {"format": FORMAT, "scale": float(head.scale), "softcap": head.softcap}
-    _write_atomic(path, save(tensors, metadata=_header_meta(meta)), tmp_tag)
-
-
-def load_lm_head(path: str | Path, device: str | torch.device | None = None) -> LMHead:
-    """The LM head a hidden-mode dump stored (``lm_head.safetensors``)."""
-    from safetensors import safe_open
-
-    dev = str(device or "cpu")
-    with safe_open(str(path), framework="pt", device=dev) as f:
-        meta = _read_header_meta(f)
-        weight = f.get_tensor("weight")
-        bias = f.get_tensor("bias") if "bias" in f.keys() else None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an {FORMAT} LM head")
-    softcap = meta.get("softcap")
-    return LMHead(weight=weight, bias=bias, scale=float(meta["scale"]),
-                  softcap=float(softcap) if softcap else None)
-
-
-def _header_meta(obj: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata with one key: the library writes its metadata map in hash
-    order, so several keys would make the header bytes differ from run to run."""
-    return {"eagle3": json.dumps(obj, sort_keys=True)}
-
-
-def _read_header_meta(f: Any) -> dict[str, Any]:
-    try:
-        return json.loads((f.metadata() or {}).get("eagle3", "{}"))
-    except json.JSONDecodeError:
-        return {}
-
-
-# --------------------------------------------------------------------------- shards
-
-
-@dataclass
-class ShardJob:
-    """A finished shard's contents, on its way to the writer thread."""
-
-    index: int
-    name: str
-    entry: dict[str, Any]
-    samples: list[dict[str, torch.Tensor]]
-    rows: list[int]
-    expected_sha256: str | None = None  # a repair: the hash the manifest recorded
-
-
-# safetensors dtype codes, ranked as the library orders tensors in a file (larger first).
-_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
-    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.float16: ("F16", 2),
-    torch.bfloat16: ("BF16", 3), torch.int32: ("I32", 4), torch.float32: ("F32", 5),
-    torch.float64: ("F64", 6), torch.int64: ("I64", 7),
-}
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple[bytes, list[torch.Tensor]]:
-    """One shard as safetensors: ``(header bytes, tensor pieces in file order)``.
-
-    Streams what ``safetensors.torch.save`` would build in memory -- the same bytes (a
-    test holds us to that) -- without concatenating the samples or serialising a copy,
-    so a shard goes to disk and through sha256 in one pass over its tensors.
-    """
-    lengths = [s["input_ids"].shape[0] for s in job.samples]
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    parts: dict[str, list[torch.Tensor]] = {name: [s[name] for s in job.samples] for name in fields}
-    parts["offsets"] = [offsets]
-    parts["row_index"] = [torch.tensor(job.rows, dtype=torch.int64)]
-    order = sorted(parts, key=lambda n: (-_ST_DTYPES[parts[n][0].dtype][1], n))
-    meta = {"format": FORMAT, "config_sha256": config_sha, "entry": job.entry}
-    header: dict[str, Any] = {"__metadata__": _header_meta(meta)}
-    pos = 0
-    pieces: list[torch.Tensor] = []
-    for name in order:
-        ps = parts[name]
-        dt = ps[0].dtype
-        if any(p.dtype != dt or p.shape[1:] != ps[0].shape[1:] for p in ps):
-            raise RuntimeError(f"shard field {name}: samples disagree in dtype or width")
-        n = sum(p.numel() for p in ps) * ps[0].element_size()
-        shape = [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]
-        header[name] = {"dtype": _ST_DTYPES[dt][0], "shape": shape, "data_offsets": [pos, pos + n]}
-        pos += n
-        pieces += ps
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, pieces
-
-
-def pack_shard(job: ShardJob, config_sha: str, fields: Sequence[str]) -> bytes:
-    """One shard's file bytes, in memory (for tests and small shards)."""
-    header, pieces = shard_layout(job, config_sha, fields)
-    return header + b"".join(bytes(_byte_view(p)) for p in pieces)
-
-
-class ShardWriter:
-    """Writes shards in the background while the target keeps running.
-
-    ``threads`` workers each write a whole shard under a temporary name (header and
-    tensors streamed to disk and through sha256 in one pass, then fsync); one committer
-    renames them in index order and records each in the manifest, so the manifest
-    always lists a prefix of the shards. At most ``threads`` finished shards wait in
-    memory besides the one being committed.
-    """
-
-    def __init__(self, out: Path, on_written: Callable[[ShardJob, dict[str, Any]], None],
-                 config_sha: str, fields: Sequence[str], tmp_tag: str, threads: int = 2):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.out, self.on_written, self.config_sha = out, on_written, config_sha
-        self.fields, self.tmp_tag = list(fields), tmp_tag
-        self.error: BaseException | None = None
-        self.bytes_written = 0
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eagle3-shard")
-        self._commits: queue.Queue = queue.Queue(maxsize=threads)
-        self._thread = threading.Thread(target=self._commit_loop, name="eagle3-shard-commit", daemon=True)
-        self._thread.start()
-
-    def _prepare(self, job: ShardJob) -> tuple[Path, str, int]:
-        header, pieces = shard_layout(job, self.config_sha, self.fields)
-        tmp = self.out / f".tmp-{self.tmp_tag}{job.name}"
-        h = hashlib.sha256(header)
-        size = len(header)
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for p in pieces:
-                mv = _byte_view(p)
-                h.update(mv)
-                f.write(mv)
-                size += mv.nbytes
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp, h.hexdigest(), size
-
-    def _commit_loop(self) -> None:
-        while (item := self._commits.get()) is not None:
-            job, fut = item
-            try:
-                tmp, sha, size = fut.result()
-                if self.error is not None:
-                    continue
-                _kill_point("shard_written")
-                os.replace(tmp, self.out / job.name)
-                _fsync_dir(self.out)
-                _kill_point("shard_renamed")
-                self.bytes_written += size
-                self.on_written(job, dict(job.entry, file=job.name, bytes=size, sha256=sha))
-                _kill_point("manifest_written")
-            except BaseException as e:  # surfaced to the main thread by put()/close()
-                if self.error is None:
-                    self.error = e
-
-    def put(self, job: ShardJob) -> None:
-        self._check()
-        self._commits.put((job, self._pool.submit(self._prepare, job)))
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._commits.put(None)
-            self._thread.join()
-            self._pool.shutdown(wait=True)
-        self._check()
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing a shard failed: {self.error}") from self.error
-
-
 # --------------------------------------------------------------------------- writer
 
 
@@ -641,15 +333,15 @@ class _Dumper:
         self.spec = MODES[cfg.mode]
         self.out = Path(cfg.out)
         self.fields = ["input_ids", "loss_mask", "aux_hidden_states", *self.spec.fields]
-        self.config_sha = _config_sha(config)
+        self.config_sha = config_sha256(config)
         self.limit = int(cfg.shard_size_mb * (1 << 20))
         self.manifest: dict[str, Any] = {}
         self.lock = threading.Lock()
-        self.run_samples = self.run_tokens = 0
+        self.run_samples = self.run_tokens = self.run_bytes = 0
 
     # -- manifest -------------------------------------------------------------------
     def save_manifest(self) -> None:
-        _write_atomic(self.cfg.manifest_path(), _json_bytes(self.manifest), self.cfg.worker_tag)
+        write_atomic(self.cfg.manifest_path(), json_bytes(self.manifest), self.cfg.worker_tag)
 
     def record(self, job: ShardJob, entry: dict[str, Any]) -> None:
         with self.lock:
@@ -686,7 +378,7 @@ class _Dumper:
         # An owned CPU copy per batch: samples are views into it until their shard is written.
         out = {k: v.detach().to("cpu", copy=True) for k, v in out.items()}
         aux = out["aux_hidden_states"]
-        if _dtype_name(aux.dtype) != self.config["dtype"] or aux.shape[-1] != 3 * self.config["hidden_size"]:
+        if dtype_name(aux.dtype) != self.config["dtype"] or aux.shape[-1] != 3 * self.config["hidden_size"]:
             raise RuntimeError(f"the target returned aux_hidden_states {tuple(aux.shape)} {aux.dtype}, "
                                f"expected [..., {3 * self.config['hidden_size']}] {self.config['dtype']}")
         rows = []
@@ -736,25 +428,22 @@ class _Dumper:
                 meta["bytes"] += sum(t.numel() * t.element_size() for t in row.values())
             self.run_samples += len(batch)
             self.run_tokens += sum(len(s) for s in batch)
+            self.run_bytes += sum(t.numel() * t.element_size() for row in rows for t in row.values())
             if progress is not None:
-                progress.update(counter[0], self.run_tokens, self.writer_bytes())
+                progress.update(counter[0], self.run_tokens, self.run_bytes)
                 counter[0] = 0
-            _kill_point("batch_done")
+            kill_point("batch_done")
             if meta["bytes"] >= self.limit:
                 yield finish()
         if samples:
             yield finish()
         if progress is not None:
-            progress.update(counter[0], self.run_tokens, self.writer_bytes())
+            progress.update(counter[0], self.run_tokens, self.run_bytes)
         report = DataReport()
         for s in pending:
             report.add(s)
         self.tail = {"rows": [row_start, None], "skipped": report.counts_json(),
                      "examples": report.examples_json()}
-
-    def writer_bytes(self) -> int:
-        w = getattr(self, "writer", None)
-        return w.bytes_written if w is not None else 0
 
 
 def _load_source(cfg: DumpConfig) -> TargetSource:
@@ -796,7 +485,7 @@ def _source_dims(source: Any) -> tuple[int, int, str]:
         h = b.aux_hidden_states.shape[-1] // 3
         v = v if v is not None else (b.logits.shape[-1] if b.logits is not None else None)
         dt = b.aux_hidden_states.dtype
-    return int(h), int(v), dt if isinstance(dt, str) else _dtype_name(dt)
+    return int(h), int(v), dt if isinstance(dt, str) else dtype_name(dt)
 
 
 def _tokenizer_dir(cfg: DumpConfig) -> str:
@@ -858,8 +547,8 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
         config = {
             "format": FORMAT, "mode": cfg.mode,
             "data": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in data],
-            "tokenizer_sha256": _tokenizer_fingerprint(tokenizer),
-            "model_sha256": (_model_fingerprint(str(getattr(source, "model_path", "")) or _model_dir(cfg))
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "model_sha256": (model_fingerprint(str(getattr(source, "model_path", "")) or _model_dir(cfg))
                              if not cfg.server else str(getattr(source, "model_id", "server"))),
             "engine": "server" if cfg.server else cfg.engine,
             "aux_layer_ids": [int(i) for i in source.aux_layer_ids],
@@ -904,18 +593,6 @@ def _lock(out: Path, cfg: DumpConfig) -> int:
     return fd
 
 
-def _check_shard_file(path: Path, entry: dict[str, Any], hash_it: bool) -> str | None:
-    """None when the finished shard at ``path`` matches its manifest entry, else why not."""
-    if not path.is_file():
-        return "missing"
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"{size} bytes, manifest says {entry['bytes']}"
-    if hash_it and sha256_file(path) != entry["sha256"]:
-        return "sha256 mismatch"
-    return None
-
-
 def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, mapping: Any,
                 config: dict[str, Any], existing: dict[str, Any] | None, tokenizer: Any,
                 t_start: float, log: Callable[[str], None]) -> DumpSummary:
@@ -936,7 +613,7 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
     # Finished shards: check, then adopt a shard renamed just before a kill.
     bad = []
     for entry in d.manifest["shards"]:
-        why = _check_shard_file(out / entry["file"], entry, hash_it=not cfg.trust_existing)
+        why = check_shard_file(out / entry["file"], entry, hash_it=not cfg.trust_existing)
         if why is not None:
             log(f"shard {entry['file']}: {why}; regenerating it")
             bad.append(entry)
@@ -1034,7 +711,7 @@ def _adopt_orphan(d: _Dumper) -> int:
         return 0
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = _read_header_meta(f)
+            meta = read_header_meta(f)
         entry = meta.get("entry")
         ok = (meta.get("format") == FORMAT and meta.get("config_sha256") == d.config_sha
               and isinstance(entry, dict)
@@ -1050,142 +727,6 @@ def _adopt_orphan(d: _Dumper) -> int:
         shards.append(dict(entry, file=path.name, bytes=path.stat().st_size, sha256=sha256_file(path)))
         d.save_manifest()
     return 1
-
-
-# --------------------------------------------------------------------------- verify
-
-
-@dataclass
-class VerifyReport:
-    ok: bool
-    lines: list[str]
-    problems: list[str]
-
-
-def verify_dump(path: str | Path, *, hash_shards: bool = True) -> VerifyReport:
-    """Checks every shard of every manifest in ``path``: file size and sha256, header,
-    dtypes and shapes, offsets and row indices, token and supervised-token counts,
-    NaN/Inf, and mode invariants (probabilities sum to 1, position_mask within the
-    loss mask). ``ok`` is False on any problem or an unfinished dump."""
-    from safetensors import safe_open
-
-    d = Path(path)
-    lines: list[str] = []
-    problems: list[str] = []
-    manifests = manifest_paths(d)
-    if not manifests:
-        return VerifyReport(False, [f"{d}: no manifest*.json"], [f"{d}: not a dump folder"])
-    configs = []
-    for mpath in manifests:
-        try:
-            m = read_manifest(mpath)
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        cfg = m["config"]
-        configs.append(cfg)
-        fields = expected_fields(cfg)
-        k, i = cfg["num_shards"], cfg["shard_index"]
-        if not m.get("complete"):
-            problems.append(f"{mpath.name}: dump not finished (rerun the same dump command)")
-        if m.get("lm_head"):
-            lh = d / m["lm_head"]["file"]
-            why = _check_shard_file(lh, m["lm_head"], hash_it=hash_shards)
-            if why:
-                problems.append(f"{lh.name}: {why}")
-        next_sample, next_row = 0, 0
-        for entry in m["shards"]:
-            name = entry["file"]
-            why = _check_shard_file(d / name, entry, hash_it=hash_shards)
-            errs = [why] if why else []
-            if not errs:
-                try:
-                    with safe_open(str(d / name), framework="pt") as f:
-                        errs += _check_shard_tensors(f, entry, cfg, fields, k, i)
-                except Exception as e:
-                    errs.append(f"unreadable ({e})")
-            if entry["first_sample"] != next_sample or entry["rows"][0] != next_row:
-                errs.append(f"does not follow the previous shard (first sample {entry['first_sample']}, "
-                            f"expected {next_sample}; first row {entry['rows'][0]}, expected {next_row})")
-            next_sample = entry["first_sample"] + entry["num_samples"]
-            next_row = entry["rows"][1]
-            if errs:
-                problems += [f"{name}: {e}" for e in errs]
-                lines.append(f"FAIL {name}: {'; '.join(errs)}")
-            else:
-                lines.append(f"ok   {name}: {entry['num_samples']} samples, {entry['tokens']} tokens")
-        listed = {e["file"] for e in m["shards"]}
-        tag = "" if k == 1 else f"-{i:05d}-of-{k:05d}"
-        for extra in sorted(p.name for p in d.glob(f"shard{tag}-*.safetensors") if p.name not in listed):
-            lines.append(f"note {extra}: not in {mpath.name} (a rerun adopts or replaces it)")
-    if configs:
-        base = {k: v for k, v in configs[0].items() if k != "shard_index"}
-        if any({k: v for k, v in c.items() if k != "shard_index"} != base for c in configs):
-            problems.append("the manifests in this folder come from different configurations")
-        k = configs[0]["num_shards"]
-        have = sorted(c["shard_index"] for c in configs)
-        if have != list(range(k)):
-            problems.append(f"workers present {have}, expected all of 0..{k - 1}")
-    ok = not problems
-    lines.append(f"{'OK' if ok else 'FAILED'}: {d} ({len(manifests)} manifest(s), "
-                 f"{sum(1 for x in lines if x.startswith('ok'))} good shard(s), {len(problems)} problem(s))")
-    return VerifyReport(ok, lines, problems)
-
-
-def _check_shard_tensors(f: Any, entry: dict[str, Any], cfg: dict[str, Any],
-                         fields: dict[str, tuple[str, int | None]], k: int, i: int) -> list[str]:
-    errs: list[str] = []
-    keys = set(f.keys())
-    want = set(fields) | {"offsets", "row_index"}
-    if keys != want:
-        return [f"tensors {sorted(keys)}, expected {sorted(want)}"]
-    n, t_total = entry["num_samples"], entry["tokens"]
-    offsets, rows = f.get_tensor("offsets"), f.get_tensor("row_index")
-    if tuple(offsets.shape) != (n + 1,) or tuple(rows.shape) != (n,):
-        return [f"offsets {tuple(offsets.shape)} / row_index {tuple(rows.shape)} for {n} samples"]
-    if int(offsets[0]) != 0 or int(offsets[-1]) != t_total or bool((offsets[1:] <= offsets[:-1]).any()):
-        errs.append(f"offsets do not split {t_total} tokens into {n} non-empty samples")
-    r0, r1 = entry["rows"]
-    if n and (bool((rows[1:] <= rows[:-1]).any()) or int(rows[0]) < r0 or int(rows[-1]) >= r1
-              or bool((rows % k != i).any())):
-        errs.append(f"row_index not increasing within rows [{r0}, {r1}) of worker {i} of {k}")
-    for name, (dt, width) in fields.items():
-        meta = f.get_slice(name)
-        shape = tuple(meta.get_shape())
-        want_shape = (t_total,) if width is None else (t_total, width)
-        got_dt = str(meta.get_dtype())
-        want_dt = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
-                   "uint8": "U8", "bool": "BOOL"}[dt]
-        if shape != want_shape or got_dt != want_dt:
-            errs.append(f"{name} is {shape} {got_dt}, expected {want_shape} {want_dt}")
-    if errs:
-        return errs
-    ids, lm = f.get_tensor("input_ids"), f.get_tensor("loss_mask")
-    if bool(((ids < 0) | (ids >= cfg["vocab_size"])).any()):
-        errs.append(f"input_ids outside [0, {cfg['vocab_size']})")
-    if bool((lm > 1).any()):
-        errs.append("loss_mask holds values other than 0 and 1")
-    starts = offsets[:-1]
-    sup = int(lm.sum()) - int(lm[starts].sum())  # position 0 of a sample is never a target
-    if sup != entry["supervised_tokens"]:
-        errs.append(f"{sup} supervised tokens, manifest says {entry['supervised_tokens']}")
-    for name, (dt, width) in fields.items():
-        if width is None or not dt.startswith(("float", "bfloat")):
-            continue
-        x = f.get_tensor(name)
-        if not bool(torch.isfinite(x).all()):
-            errs.append(f"{name} has NaN or Inf")
-        if name == "target_probs":
-            if bool(((x.sum(-1) - 1).abs() > 1e-3).any()):
-                errs.append("target_probs rows do not sum to 1")
-    if "position_mask" in fields:
-        pm = f.get_tensor("position_mask")
-        shifted = torch.zeros_like(lm, dtype=torch.bool)
-        shifted[:-1] = lm[1:].bool()
-        shifted[offsets[1:] - 1] = False  # each sample's zero tail
-        if bool((pm & ~shifted).any()):
-            errs.append("position_mask set outside the shifted loss mask")
-    return errs
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1206,14 +747,6 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     summary = run_dump(cfg)
     print("\n".join(summary.lines()))
     return 0 if summary.complete else 1
-
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    report = verify_dump(args.dir, hash_shards=not args.no_hash)
-    print("\n".join(report.lines))
-    for p in report.problems:
-        print(f"problem: {p}")
-    return 0 if report.ok else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -1247,10 +780,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.set_defaults(func=_cmd_dump)
 
-    p = sub.add_parser("verify", help="check a dump folder against its manifest(s); exit 0 when sound",
-                       description="Checks every shard: sha256 and size, header, dtypes and shapes, "
-                                   "offsets, token counts, NaN/Inf. Exit code 0 when all is well, 1 "
-                                   "otherwise.")
-    p.add_argument("dir", help="dump folder")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of every file")
-    p.set_defaults(func=_cmd_verify)

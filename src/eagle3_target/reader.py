@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from eagle3_target.contract import LMHead, shift_left_with_zero
-from eagle3_target.dump import LM_HEAD_FILE, load_lm_head, manifest_paths, read_manifest
+from eagle3_target.shards import LM_HEAD_FILE, load_lm_head, manifest_paths, read_manifest
 
 __all__ = ["Eagle3Dataset", "collate_eagle3", "rebuild_supervision"]
 
