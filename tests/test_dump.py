@@ -130,6 +130,10 @@ def test_collate_right_pads(tmp_path, tiny_target, tok, data_file):
         assert not b["logits"][r, n:].any() and not b["loss_mask"][r, n:].any()
     with pytest.raises(ValueError):
         collate_eagle3([])
+    # Worker processes open their own memory maps.
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate_eagle3, num_workers=2)
+    seen = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in loader])
+    assert torch.equal(seen, torch.cat([ds[i]["input_ids"] for i in range(len(ds))]))
 
 
 # --------------------------------------------------------------------------- workers

@@ -130,6 +130,8 @@ class DumpConfig:
     strict: bool = False
     trust_existing: bool = False
     """Skip re-hashing finished shards on a rerun (checks sizes only)."""
+    writer_threads: int = 2
+    """Shards written (and hashed) in parallel; commits stay in order."""
     progress: bool | None = None
     """Progress bar on stderr; None shows it when stderr is a terminal."""
 
@@ -138,7 +140,7 @@ class DumpConfig:
             raise ValueError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if MODES[self.mode].needs_vocab and not self.vocab:
             raise ValueError(f"mode {self.mode!r} needs --vocab mapping.safetensors (see `eagle3-target vocab`)")
-        for name in ("batch_tokens", "num_shards"):
+        for name in ("batch_tokens", "num_shards", "writer_threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -619,7 +621,7 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
             bad.append(entry)
     adopted = _adopt_orphan(d) if not d.manifest["complete"] else 0
 
-    d.writer = ShardWriter(out, d.record, d.config_sha, d.fields, cfg.worker_tag)
+    d.writer = ShardWriter(out, d.record, d.config_sha, d.fields, cfg.worker_tag, threads=cfg.writer_threads)
     repaired = 0
     try:
         for entry in bad:
@@ -743,7 +745,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         max_length=args.max_length or None, mask_reasoning=args.mask_reasoning,
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,
-        progress=args.progress)
+        writer_threads=args.writer_threads, progress=args.progress)
     summary = run_dump(cfg)
     print("\n".join(summary.lines()))
     return 0 if summary.complete else 1
@@ -776,6 +778,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="fail on any malformed or unsupervised row")
     p.add_argument("--trust-existing", action="store_true",
                    help="on a rerun, check finished shards by size only (no re-hash)")
+    p.add_argument("--writer-threads", type=int, default=2,
+                   help="shards written and hashed in parallel (commits stay in order)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.set_defaults(func=_cmd_dump)

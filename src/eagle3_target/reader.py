@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from eagle3_target.contract import LMHead, shift_left_with_zero
 from eagle3_target.shards import LM_HEAD_FILE, load_lm_head, manifest_paths, read_manifest
 
-__all__ = ["Eagle3Dataset", "collate_eagle3", "rebuild_supervision"]
+__all__ = ["Eagle3Dataset", "collate_eagle3", "rebuild_supervision", "load_lm_head"]
 
 # Per-token float fields and the value right padding fills them with.
 _PAD = {"input_ids": 0, "attention_mask": 0, "loss_mask": 0, "aux_hidden_states": 0,
