@@ -18,6 +18,7 @@ on this machine's disk. A dump cannot outrun this ceiling, whatever the engine.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -128,7 +129,8 @@ def main() -> None:
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
         print(f"data: {len(samples)} samples, {tokens:,} tokens in {len(batches)} batches of <= "
               f"{args.batch_tokens} padded tokens ({tokens / padded:.0%} real); shards of "
-              f"{args.shard_size_mb:g} MiB; draft vocab {vd}; median of {args.repeat}\n")
+              f"{args.shard_size_mb:g} MiB; draft vocab {vd}; median of {args.repeat}; load average "
+              f"{os.getloadavg()[0]:.2f} at start\n")
         print("| mode | samples/s | tokens/s | MB/s written | engine tokens/s | dump/engine | bytes/token | vs logits |")
         print("|---|---|---|---|---|---|---|---|")
         engine_only(target, batches[:1], "logits", mapping, pad, dev)  # warm-up
@@ -150,12 +152,15 @@ def main() -> None:
                 sync(dev)
                 d_times.append(time.perf_counter() - t0)
                 shutil.rmtree(out)
+            # Engine and dump alternate within a repeat, so their ratio is taken per pair
+            # (robust to load that changes between repeats), then the median.
+            ratio = statistics.median(e_i / d_i for e_i, d_i in zip(e_times, d_times))
             e, d = statistics.median(e_times), statistics.median(d_times)
             bpt = summary.bytes / summary.tokens
             logits_bpt = summary.logits_bytes_per_token
             rows.append((mode, bpt))
             print(f"| {mode} | {summary.samples / d:,.1f} | {summary.tokens / d:,.0f} | "
-                  f"{summary.bytes / d / 1e6:,.1f} | {tokens / e:,.0f} | {e / d:.2f} | {bpt:,.0f} | "
+                  f"{summary.bytes / d / 1e6:,.1f} | {tokens / e:,.0f} | {ratio:.2f} | {bpt:,.0f} | "
                   f"{bpt / logits_bpt:.3f} |", flush=True)
         target.close()
 
@@ -179,6 +184,7 @@ def main() -> None:
                 base = res["logits"][1] / res["logits"][2]
                 print(f"| {mode} | {nbytes / ntok:,.0f} | {nbytes / ntok / base:.3f} | {nbytes / secs / 1e6:,.0f} | "
                       f"{ntok / secs:,.0f} |", flush=True)
+        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

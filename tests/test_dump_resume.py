@@ -109,8 +109,10 @@ def test_kill9_at_random_moments_and_at_every_commit_step(tmp_path, data, refere
         p.send_signal(signal.SIGKILL)
         p.wait()
         check_no_rewrite()
-    r = subprocess.run(cmd(out, data), env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd(out, data, "--progress"), env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stderr and "MB/s" in r.stderr and f"/{N_ROWS} [" in r.stderr  # the progress bar
+    assert "dump complete" in r.stdout and "shards written" in r.stdout
     check_no_rewrite()
     assert files_of(out) == files_of(ref)
     assert not list(out.glob(".tmp-*"))
