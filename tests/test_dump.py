@@ -3,7 +3,6 @@ verify and repair, reruns, configuration checks, skipped rows, the target-source
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -309,13 +308,15 @@ def test_skipped_rows_are_reported_and_strict_refuses(tmp_path, tiny_target, tok
 
 
 class RemoteLike:
-    """A target with only the remote client's surface (no ``.model``, no sizes), which
+    """A target with only the remote client's surface (no ``.model``, no hidden size or
+    dtype: the dump probes them), which
     projects onto the draft vocabulary itself once a mapping is set, as a server would.
     Its padded positions carry garbage, as a real batched engine's do."""
 
     def __init__(self, target):
         self._t = target
         self.aux_layer_ids = target.aux_layer_ids
+        self.vocab_size = target.vocab_size
         self.mapping = None
 
     def set_vocab_mapping(self, mapping):
@@ -350,49 +351,3 @@ def test_a_remote_like_source_gives_the_same_dataset(tmp_path, tiny_target, tok,
     dump(tmp_path / "a", tiny_target, tok, [data_file], mode=mode, vocab=vocab, batch_tokens=1)
     dump(tmp_path / "b", RemoteLike(tiny_target), tok, [data_file], mode=mode, vocab=vocab, batch_tokens=1)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
-
-
-def test_server_without_client_is_a_clear_error(tmp_path, tiny_model_dir, data_file):
-    if importlib.util.find_spec("eagle3_target.client") is not None:
-        pytest.skip("the remote client is present: --server is covered by the server tests")
-    cfg = DumpConfig(out=str(tmp_path / "d"), data=[str(data_file)], server=["http://127.0.0.1:9"],
-                     tokenizer=str(tiny_model_dir))
-    with pytest.raises(ValueError, match="eagle3_target.client.RemoteTarget"):
-        run_dump(cfg)
-    assert not (tmp_path / "d").exists()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["hidden", "draft", "logits"])
-def test_streamed_shard_bytes_equal_safetensors_save(dtype, mode):
-    """Our streaming writer emits exactly the bytes safetensors.torch.save would."""
-    from safetensors.torch import load, save
-
-    from eagle3_target.dump import MODES
-    from eagle3_target.shards import ShardJob, header_meta, pack_shard
-
-    g = torch.Generator().manual_seed(0)
-    samples = []
-    for n in (5, 1, 9):
-        s = {"input_ids": torch.randint(0, 50, (n,), generator=g),
-             "loss_mask": torch.randint(0, 2, (n,), generator=g).to(torch.uint8),
-             "aux_hidden_states": torch.randn(n, 12, generator=g).to(dtype)}
-        if mode == "hidden":
-            s["hidden_states"] = torch.randn(n, 4, generator=g).to(dtype)
-        elif mode == "logits":
-            s["logits"] = torch.randn(n, 7, generator=g).to(dtype)
-        else:
-            s["target_probs"] = torch.rand(n, 6, generator=g)
-            s["position_mask"] = torch.rand(n, generator=g) > 0.5
-        samples.append(s)
-    fields = ["input_ids", "loss_mask", "aux_hidden_states", *MODES[mode].fields]
-    entry = {"index": 0, "rows": [3, 11], "examples": {"malformed": [{"where": "données.jsonl:2"}]}}
-    job = ShardJob(0, "shard-00000.safetensors", entry, samples, [3, 7, 10])
-    ours = pack_shard(job, "ab" * 32, fields)
-    tensors = {f: torch.cat([s[f] for s in samples]) for f in fields}
-    tensors["offsets"] = torch.tensor([0, 5, 6, 15])
-    tensors["row_index"] = torch.tensor([3, 7, 10])
-    meta = header_meta({"format": "eagle3-dump-v1", "config_sha256": "ab" * 32, "entry": entry})
-    assert ours == save(tensors, metadata=meta)
-    back = load(ours)
-    assert all(torch.equal(back[k], v) for k, v in tensors.items())

@@ -455,7 +455,14 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
         except ImportError as e:
             raise ValueError(f"--server needs eagle3_target.client.RemoteTarget, which this build "
                              f"does not have ({e})") from None
-        client = RemoteTarget(list(cfg.server), mode=cfg.mode)
+        # The token as the server takes it: from the environment, never the command line
+        # (or inside the URL: http://user:TOKEN@host:port).
+        from eagle3_target.client import RemoteTargetError
+
+        try:
+            client = RemoteTarget(list(cfg.server), token=os.environ.get("EAGLE3_TARGET_TOKEN"), mode=cfg.mode)
+        except RemoteTargetError as e:  # refused (401, wrong mode...) or unreachable: say so plainly
+            raise ValueError(f"--server {','.join(cfg.server)}: {e}") from None
         needs = {"hidden": ("generate_hidden", "lm_head")}.get(cfg.mode, ("generate_batch",))
         missing = [n for n in needs if not hasattr(client, n)]
         if missing:
@@ -472,22 +479,26 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
                                              aux_layer_ids=cfg.aux_layer_ids)
 
 
-def _source_dims(source: Any) -> tuple[int, int, str]:
-    """``(hidden_size, vocab_size, dtype name)`` of a target source."""
+def _source_dims(source: Any, mode: str, mapping: Any) -> tuple[int, int, str]:
+    """``(hidden_size, vocab_size, dtype name)`` of a target source: from its attributes
+    (``Eagle3TargetModel``), else from one forward on two tokens (a remote target, whose
+    wire dtype is the server model's)."""
     h = getattr(source, "hidden_size", None)
     v = getattr(source, "vocab_size", None)
-    dt = getattr(source, "dtype", None)
     model = getattr(source, "model", None)
-    if dt is None and model is not None:
-        dt = next(model.parameters()).dtype
+    dt = getattr(source, "dtype", None)
+    if not isinstance(dt, torch.dtype):
+        dt = next(model.parameters()).dtype if model is not None and hasattr(model, "parameters") else None
     if h is None or v is None or dt is None:
-        # A remote target that does not advertise them: one forward on two tokens tells.
         ids = torch.zeros((1, 2), dtype=torch.int64)
-        b = source.generate_batch(ids, torch.ones_like(ids), torch.ones_like(ids))
-        h = b.aux_hidden_states.shape[-1] // 3
-        v = v if v is not None else (b.logits.shape[-1] if b.logits is not None else None)
-        dt = b.aux_hidden_states.dtype
-    return int(h), int(v), dt if isinstance(dt, str) else dtype_name(dt)
+        out = MODES[mode].compute(source, ids, torch.ones_like(ids), torch.ones_like(ids), [2], mapping)
+        aux = out["aux_hidden_states"]
+        h, dt = aux.shape[-1] // 3, aux.dtype
+        if v is None:
+            if "logits" not in out:
+                raise ValueError("the target does not say its vocab_size")
+            v = out["logits"].shape[-1]
+    return int(h), int(v), dtype_name(dt)
 
 
 def _tokenizer_dir(cfg: DumpConfig) -> str:
@@ -534,12 +545,13 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
     if own_source:
         source = _load_source(cfg)
     try:
-        hidden_size, vocab_size, dtype = _source_dims(source)
-        if mapping is not None and mapping.target_vocab_size != vocab_size:
+        v = getattr(source, "vocab_size", None)
+        if mapping is not None and v is not None and mapping.target_vocab_size != v:
             raise ValueError(f"--vocab maps a vocabulary of {mapping.target_vocab_size} tokens but the "
-                             f"target has {vocab_size}")
+                             f"target has {v}")
         if mapping is not None and hasattr(source, "set_vocab_mapping") and cfg.mode == "draft":
             source.set_vocab_mapping(mapping)
+        hidden_size, vocab_size, dtype = _source_dims(source, cfg.mode, mapping)
         encoder = ChatEncoder(tokenizer, max_length=cfg.max_length, mask_reasoning=cfg.mask_reasoning,
                               vocab_size=vocab_size)
         if cfg.strict:
@@ -550,8 +562,8 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
             "format": FORMAT, "mode": cfg.mode,
             "data": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in data],
             "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-            "model_sha256": (model_fingerprint(str(getattr(source, "model_path", "")) or _model_dir(cfg))
-                             if not cfg.server else str(getattr(source, "model_id", "server"))),
+            "model_sha256": (model_fingerprint(_model_dir(cfg)) if not cfg.server
+                             else "server:" + str((getattr(source, "info", None) or {}).get("model"))),
             "engine": "server" if cfg.server else cfg.engine,
             "aux_layer_ids": [int(i) for i in source.aux_layer_ids],
             "dtype": dtype, "hidden_size": hidden_size, "vocab_size": vocab_size,
