@@ -318,12 +318,18 @@ class RemoteLike:
         self.aux_layer_ids = target.aux_layer_ids
         self.vocab_size = target.vocab_size
         self.mapping = None
+        # Like the real client, safe to call from several threads (the in-process
+        # runner it wraps is not: its capture hooks are shared).
+        import threading
+
+        self._lock = threading.Lock()
 
     def set_vocab_mapping(self, mapping):
         self.mapping = mapping
 
     def generate_batch(self, input_ids, attention_mask, loss_mask):
-        b = self._t.generate_batch(input_ids, attention_mask, loss_mask)
+        with self._lock:
+            b = self._t.generate_batch(input_ids, attention_mask, loss_mask)
         if self.mapping is None:
             return b
         probs, pmask = compute_target_distribution(b.logits, self.mapping.selected_token_ids,
@@ -336,7 +342,8 @@ class RemoteLike:
                                  target_probs=probs, position_mask=pmask)
 
     def generate_hidden(self, input_ids, attention_mask, loss_mask):
-        return self._t.generate_hidden(input_ids, attention_mask, loss_mask)
+        with self._lock:
+            return self._t.generate_hidden(input_ids, attention_mask, loss_mask)
 
     def lm_head(self):
         return self._t.lm_head()
@@ -349,5 +356,6 @@ class RemoteLike:
 def test_a_remote_like_source_gives_the_same_dataset(tmp_path, tiny_target, tok, data_file, mapping_file, mode):
     vocab = str(mapping_file) if mode == "draft" else None
     dump(tmp_path / "a", tiny_target, tok, [data_file], mode=mode, vocab=vocab, batch_tokens=1)
-    dump(tmp_path / "b", RemoteLike(tiny_target), tok, [data_file], mode=mode, vocab=vocab, batch_tokens=1)
+    dump(tmp_path / "b", RemoteLike(tiny_target), tok, [data_file], mode=mode, vocab=vocab, batch_tokens=1,
+         prefetch=3)  # batches computed ahead on threads: same bytes, same order
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")

@@ -132,6 +132,10 @@ class DumpConfig:
     """Skip re-hashing finished shards on a rerun (checks sizes only)."""
     writer_threads: int = 2
     """Shards written (and hashed) in parallel; commits stay in order."""
+    prefetch: int | None = None
+    """Batches computed ahead on worker threads (None: 2 with ``server``, whose client is
+    built for concurrent requests; 0 in process: the in-process runners' capture hooks are
+    shared, so one forward at a time). Order and bytes do not depend on it."""
     progress: bool | None = None
     """Progress bar on stderr; None shows it when stderr is a terminal."""
 
@@ -144,6 +148,10 @@ class DumpConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.prefetch is None:
+            self.prefetch = 2 if self.server else 0
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(f"prefetch must be a non-negative integer, got {self.prefetch!r}")
         if not self.shard_size_mb > 0:
             raise ValueError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -392,6 +400,27 @@ class _Dumper:
             rows.append(row)
         return rows
 
+    def _computed(self, batches: Iterator[list[Sample]]) -> Iterator[tuple[list[Sample], list[dict]]]:
+        """``(batch, rows)`` in batch order, with up to ``prefetch`` batches computed ahead."""
+        depth = self.cfg.prefetch
+        if not depth:
+            for b in batches:
+                yield b, self._run_batch(b)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="eagle3-target") as pool:
+            pending: deque = deque()
+            for b in batches:
+                pending.append((b, pool.submit(self._run_batch, b)))
+                if len(pending) > depth:
+                    b0, fut = pending.popleft()
+                    yield b0, fut.result()
+            while pending:
+                b0, fut = pending.popleft()
+                yield b0, fut.result()
+
     def produce(self, start_row: int, first_sample: int, first_index: int,
                 progress: _Progress | None = None) -> Iterator[ShardJob]:
         """Shards from ``start_row`` on; afterwards ``self.tail`` holds the skipped rows
@@ -420,8 +449,7 @@ class _Dumper:
             meta.update(tokens=0, supervised=0, bytes=0)
             return job
 
-        for batch in self._batches(start_row, pending, counter):
-            rows = self._run_batch(batch)
+        for batch, rows in self._computed(self._batches(start_row, pending, counter)):
             for s, row in zip(batch, rows):
                 samples.append(row)
                 sample_rows.append(s.row)
@@ -757,7 +785,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         max_length=args.max_length or None, mask_reasoning=args.mask_reasoning,
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,
-        writer_threads=args.writer_threads, progress=args.progress)
+        writer_threads=args.writer_threads, prefetch=args.prefetch, progress=args.progress)
     summary = run_dump(cfg)
     print("\n".join(summary.lines()))
     return 0 if summary.complete else 1
@@ -792,6 +820,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on a rerun, check finished shards by size only (no re-hash)")
     p.add_argument("--writer-threads", type=int, default=2,
                    help="shards written and hashed in parallel (commits stay in order)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="batches computed ahead on worker threads (default: 2 with --server, else 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.set_defaults(func=_cmd_dump)
