@@ -359,3 +359,11 @@ def test_a_remote_like_source_gives_the_same_dataset(tmp_path, tiny_target, tok,
     dump(tmp_path / "b", RemoteLike(tiny_target), tok, [data_file], mode=mode, vocab=vocab, batch_tokens=1,
          prefetch=3)  # batches computed ahead on threads: same bytes, same order
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+
+
+def test_prefetch_one_runs_the_in_process_target_on_a_worker_thread(tmp_path, tiny_target, tok, data_file):
+    """One batch computed ahead (one forward at a time, on a worker thread): same bytes."""
+    dump(tmp_path / "a", tiny_target, tok, [data_file], mode="logits", batch_tokens=1500, shard_size_mb=0.3)
+    dump(tmp_path / "b", tiny_target, tok, [data_file], mode="logits", batch_tokens=1500, shard_size_mb=0.3,
+         prefetch=1)
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")

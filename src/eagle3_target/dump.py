@@ -134,8 +134,9 @@ class DumpConfig:
     """Shards written (and hashed) in parallel; commits stay in order."""
     prefetch: int | None = None
     """Batches computed ahead on worker threads (None: 2 with ``server``, whose client is
-    built for concurrent requests; 0 in process: the in-process runners' capture hooks are
-    shared, so one forward at a time). Order and bytes do not depend on it."""
+    built for concurrent requests; 0 in process). In process, use at most 1 (one forward
+    at a time on a worker thread, overlapping tokenisation and packing with the engine):
+    the runners' capture hooks are shared. Order and bytes do not depend on it."""
     progress: bool | None = None
     """Progress bar on stderr; None shows it when stderr is a terminal."""
 
