@@ -367,3 +367,6 @@ def test_prefetch_one_runs_the_in_process_target_on_a_worker_thread(tmp_path, ti
     dump(tmp_path / "b", tiny_target, tok, [data_file], mode="logits", batch_tokens=1500, shard_size_mb=0.3,
          prefetch=1)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    with pytest.raises(ValueError, match="one forward at a time"):
+        dump(tmp_path / "c", tiny_target, tok, [data_file], prefetch=2)
+    assert not (tmp_path / "c").exists()

@@ -570,6 +570,9 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
             raise ValueError(f"{out} has shards ({stray[0]}, ...) but no {cfg.manifest_path().name}: "
                              f"they cannot be checked against this run; use an empty folder")
 
+    if cfg.prefetch > 1 and not cfg.server and (source is None or _in_process(source)):
+        raise ValueError(f"--prefetch {cfg.prefetch}: an in-process target runs one forward at a time "
+                         f"(its capture hooks are shared); use --prefetch 0 or 1")
     own_source = source is None
     if own_source:
         source = _load_source(cfg)
@@ -618,6 +621,12 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
     finally:
         if own_source:
             source.close()
+
+
+def _in_process(source: Any) -> bool:
+    from eagle3_target.contract import Eagle3TargetModel
+
+    return isinstance(source, Eagle3TargetModel)
 
 
 def _model_dir(cfg: DumpConfig) -> str:
