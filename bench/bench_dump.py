@@ -62,7 +62,7 @@ def engine_only(target, batches: list[list[Sample]], mode: str, mapping, pad_id:
 
 
 def synthetic_write(out: Path, mode: str, h: int, v: int, vd: int, dtype: torch.dtype, total_mb: int,
-                    shard_mb: int = 256, seq: int = 512) -> tuple[float, int, int]:
+                    shard_mb: int = 256, seq: int = 512, threads: int = 2) -> tuple[float, int, int]:
     """Writes ~total_mb of mode-shaped shards through the real ShardWriter:
     ``(seconds, bytes, tokens)``."""
     g = torch.Generator().manual_seed(0)
@@ -83,7 +83,7 @@ def synthetic_write(out: Path, mode: str, h: int, v: int, vd: int, dtype: torch.
     n_shards = max(2, total_mb // shard_mb)
     names = ["input_ids", "loss_mask", *fields, *(["position_mask"] if mode == "draft" else [])]
     written: list[int] = []
-    writer = ShardWriter(out, lambda job, entry: written.append(entry["bytes"]), "0" * 64, names, "")
+    writer = ShardWriter(out, lambda job, entry: written.append(entry["bytes"]), "0" * 64, names, "", threads=threads)
     t0 = time.perf_counter()
     for j in range(n_shards):
         samples = [sample] * per_shard  # the writer only reads them
@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--shard-size-mb", type=float, default=64)
     p.add_argument("--draft-vocab-size", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--writer-threads", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where shards are written (default: a temp folder)")
     p.add_argument("--synthetic-mb", type=int, default=1024, help="MB per mode for table 2 (0: skip)")
     p.add_argument("--synthetic-shape", default="4096,128256,32000,bfloat16", help="H,V,Vd,dtype")
@@ -146,7 +148,7 @@ def main() -> None:
                                  aux_layer_ids=parse_aux_layers(args.aux_layers),
                                  vocab=str(vocab_path) if mode == "draft" else None,
                                  batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
-                                 progress=False)
+                                 writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False)
                 t0 = time.perf_counter()
                 summary = run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
                 sync(dev)
@@ -169,14 +171,16 @@ def main() -> None:
             h, v, vds = int(h), int(v), int(vds)
             dtype = getattr(torch, dts)
             print(f"\nwrite path alone, synthetic H={h}, V={v}, Vd={vds}, {dts} (aux and hidden/logits; "
-                  f"target_probs fp32), 256 MiB shards, ~{args.synthetic_mb} MB per mode, disk under {work}\n")
+                  f"target_probs fp32), 256 MiB shards, {args.writer_threads} writer threads, "
+                  f"~{args.synthetic_mb} MB per mode, disk under {work}\n")
             print("| mode | bytes/token | vs logits | writer MB/s | writer tokens/s |")
             print("|---|---|---|---|---|")
             res = {}
             for mode in ("logits", "hidden", "draft"):
                 out = work / f"synthetic-{mode}"
                 out.mkdir()
-                secs, nbytes, ntok = synthetic_write(out, mode, h, v, vds, dtype, args.synthetic_mb)
+                secs, nbytes, ntok = synthetic_write(out, mode, h, v, vds, dtype, args.synthetic_mb,
+                                                     threads=args.writer_threads)
                 shutil.rmtree(out)
                 res[mode] = (secs, nbytes, ntok)
             for mode in ("hidden", "draft", "logits"):
