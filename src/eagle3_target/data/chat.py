@@ -174,7 +174,7 @@ def iter_raw_rows(
                 try:
                     yield RawRow(index, f"{p.name}:{lineno}", value=json.loads(line))
                 except json.JSONDecodeError as e:
-                    yield RawRow(index, f"{p.name}:{lineno}", error=f"not JSON ({e.msg} at column {e.colno})")
+                    yield RawRow(index, f"{p.name}:{lineno}", error=f"{e.msg} at column {e.colno}")
             index += 1
 
 
