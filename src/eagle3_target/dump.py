@@ -796,7 +796,12 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,
         writer_threads=args.writer_threads, prefetch=args.prefetch, progress=args.progress)
-    summary = run_dump(cfg)
+    try:
+        summary = run_dump(cfg)
+    except (OSError, RuntimeError) as e:  # a full disk, a lost server: what is done stays done
+        print(f"eagle3-target dump: error: {e}\nthe finished shards are kept; rerun the same command "
+              f"to continue", file=sys.stderr)
+        return 1
     print("\n".join(summary.lines()))
     return 0 if summary.complete else 1
 
