@@ -23,6 +23,9 @@ SUBCOMMAND_MODULES: list[str] = [
     "eagle3_target.cli",
     "eagle3_target.demo",
     "eagle3_target.server.cli",
+    "eagle3_target.vocab_cli",
+    "eagle3_target.dump",
+    "eagle3_target.verify",
 ]
 
 

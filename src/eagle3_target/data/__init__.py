@@ -1,1 +1,3 @@
-"""Data helpers: the built-in tiny model and (later) chat data -> input_ids + loss_mask."""
+"""Data: chat files -> ``input_ids`` + assistant-only ``loss_mask`` (:mod:`.chat`), the
+sample chats shipped with the package (``sample_chats.jsonl``, ``sample_sharegpt.jsonl``)
+and the built-in tiny model (:mod:`.tiny`)."""

@@ -1,0 +1,197 @@
+"""Offline dump throughput, and what writing costs, as Markdown tables.
+
+    python bench/bench_dump.py [--model DIR] [--device cpu] [--dtype float32]
+                               [--data F.jsonl] [--repeat 3] [--synthetic-mb 1024]
+
+Table 1 (the real target): for each mode, the dump's samples/s, tokens/s and MB/s
+written, measured end to end around ``run_dump`` (render chats, run the target, pack,
+hash, write, fsync, rename, manifest), against the engine alone on the very same
+batches (no copy, no write): ``dump/engine`` is the share of engine throughput the dump
+keeps (the goal on the GPU: >= 0.9 in hidden mode). Medians of --repeat runs.
+
+Table 2 (the write path alone, synthetic tensors of a given shape, default the 8B shape
+H=4096, V=128256, Vd=32000, bf16): bytes per token of each mode as written (headers
+included), against ``logits`` mode, and the MB/s and tokens/s the shard writer sustains
+on this machine's disk. A dump cannot outrun this ceiling, whatever the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from eagle3_target.cli import add_model_args, load_target, parse_aux_layers, resolve_model
+from eagle3_target.data.chat import ChatEncoder, Sample, iter_samples, load_tokenizer, sample_data_path
+from eagle3_target.dump import MODES, DumpConfig, greedy_batches, run_dump
+from eagle3_target.shards import ShardJob, ShardWriter
+from eagle3_target.vocab import build_vocab_mapping
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inprocess import cpu_name  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def engine_only(target, batches: list[list[Sample]], mode: str, mapping, pad_id: int, device: str) -> float:
+    """Seconds for the mode's target computation over ``batches`` (no copies, no writes)."""
+    spec = MODES[mode]
+    t0 = time.perf_counter()
+    for batch in batches:
+        lengths = [len(s) for s in batch]
+        ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.int64)
+        attn = torch.zeros_like(ids)
+        lm = torch.zeros_like(ids)
+        for r, s in enumerate(batch):
+            ids[r, : len(s)] = torch.tensor(s.input_ids)
+            attn[r, : len(s)] = 1
+            lm[r, : len(s)] = torch.tensor(s.loss_mask)
+        spec.compute(target, ids, attn, lm, lengths, mapping)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def synthetic_write(out: Path, mode: str, h: int, v: int, vd: int, dtype: torch.dtype, total_mb: int,
+                    shard_mb: int = 256, seq: int = 512, threads: int = 2) -> tuple[float, int, int]:
+    """Writes ~total_mb of mode-shaped shards through the real ShardWriter:
+    ``(seconds, bytes, tokens)``."""
+    g = torch.Generator().manual_seed(0)
+    fields = {"aux_hidden_states": (3 * h, dtype)}
+    if mode == "hidden":
+        fields["hidden_states"] = (h, dtype)
+    elif mode == "logits":
+        fields["logits"] = (v, dtype)
+    else:
+        fields["target_probs"] = (vd, torch.float32)
+    sample = {"input_ids": torch.randint(0, v, (seq,), generator=g), "loss_mask": torch.ones(seq, dtype=torch.uint8)}
+    for name, (width, dt) in fields.items():
+        sample[name] = torch.randn(seq, width, generator=g).to(dt)
+    if mode == "draft":
+        sample["position_mask"] = torch.ones(seq, dtype=torch.bool)
+    per_sample = sum(t.numel() * t.element_size() for t in sample.values())
+    per_shard = max(1, shard_mb * (1 << 20) // per_sample)
+    n_shards = max(2, total_mb // shard_mb)
+    names = ["input_ids", "loss_mask", *fields, *(["position_mask"] if mode == "draft" else [])]
+    written: list[int] = []
+    writer = ShardWriter(out, lambda job, entry: written.append(entry["bytes"]), "0" * 64, names, "", threads=threads)
+    t0 = time.perf_counter()
+    for j in range(n_shards):
+        samples = [sample] * per_shard  # the writer only reads them
+        writer.put(ShardJob(j, f"shard-{j:05d}.safetensors", {"index": j}, samples, list(range(per_shard))))
+    writer.close()
+    return time.perf_counter() - t0, sum(written), n_shards * per_shard * seq
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--data", nargs="+", default=[str(sample_data_path())])
+    p.add_argument("--modes", default="hidden,draft,logits")
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--shard-size-mb", type=float, default=64)
+    p.add_argument("--draft-vocab-size", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--writer-threads", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="where shards are written (default: a temp folder)")
+    p.add_argument("--synthetic-mb", type=int, default=1024, help="MB per mode for table 2 (0: skip)")
+    p.add_argument("--synthetic-shape", default="4096,128256,32000,bfloat16", help="H,V,Vd,dtype")
+    args = p.parse_args()
+    modes = args.modes.split(",")
+    work = Path(tempfile.mkdtemp(prefix="bench-dump-", dir=args.workdir))
+    try:
+        target = load_target(args)
+        dev = str(target.runner.device) if hasattr(target.runner, "device") else "cpu"
+        name = torch.cuda.get_device_name() if dev.startswith("cuda") else cpu_name()
+        model_dir = resolve_model(args.model)
+        tok = load_tokenizer(model_dir)
+        enc = ChatEncoder(tok, max_length=2048, vocab_size=target.vocab_size)
+        samples = [s for s in iter_samples(args.data, enc) if isinstance(s, Sample)]
+        tokens = sum(len(s) for s in samples)
+        batches = list(greedy_batches(samples, args.batch_tokens))
+        padded = sum(len(b) * max(len(s) for s in b) for b in batches)
+        supervised = [[t for t, m in zip(s.input_ids[1:], s.loss_mask[1:]) if m] for s in samples]
+        vd = min(args.draft_vocab_size, target.vocab_size)
+        mapping = build_vocab_mapping(supervised, vd, tok.all_special_ids, target_vocab_size=target.vocab_size)
+        vocab_path = work / "vocab.safetensors"
+        mapping.save(vocab_path)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        print(f"model {args.model or 'built-in tiny'}: {target.num_hidden_layers} layers, hidden "
+              f"{target.hidden_size}, vocab {target.vocab_size}; engine {args.engine} on {dev} ({name}), "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(f"data: {len(samples)} samples, {tokens:,} tokens in {len(batches)} batches of <= "
+              f"{args.batch_tokens} padded tokens ({tokens / padded:.0%} real); shards of "
+              f"{args.shard_size_mb:g} MiB; draft vocab {vd}; median of {args.repeat}; load average "
+              f"{os.getloadavg()[0]:.2f} at start\n")
+        print("| mode | samples/s | tokens/s | MB/s written | engine tokens/s | dump/engine | bytes/token | vs logits |")
+        print("|---|---|---|---|---|---|---|---|")
+        engine_only(target, batches[:1], "logits", mapping, pad, dev)  # warm-up
+        logits_bpt = None
+        rows = []
+        for mode in modes:
+            e_times, d_times = [], []
+            summary = None
+            for r in range(args.repeat):
+                e_times.append(engine_only(target, batches, mode, mapping, pad, dev))
+                out = work / f"{mode}-{r}"
+                cfg = DumpConfig(out=str(out), data=args.data, mode=mode, model=model_dir,
+                                 aux_layer_ids=parse_aux_layers(args.aux_layers),
+                                 vocab=str(vocab_path) if mode == "draft" else None,
+                                 batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
+                                 writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False)
+                t0 = time.perf_counter()
+                summary = run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
+                sync(dev)
+                d_times.append(time.perf_counter() - t0)
+                shutil.rmtree(out)
+            # Engine and dump alternate within a repeat, so their ratio is taken per pair
+            # (robust to load that changes between repeats), then the median.
+            ratio = statistics.median(e_i / d_i for e_i, d_i in zip(e_times, d_times))
+            e, d = statistics.median(e_times), statistics.median(d_times)
+            bpt = summary.bytes / summary.tokens
+            logits_bpt = summary.logits_bytes_per_token
+            rows.append((mode, bpt))
+            print(f"| {mode} | {summary.samples / d:,.1f} | {summary.tokens / d:,.0f} | "
+                  f"{summary.bytes / d / 1e6:,.1f} | {tokens / e:,.0f} | {ratio:.2f} | {bpt:,.0f} | "
+                  f"{bpt / logits_bpt:.3f} |", flush=True)
+        target.close()
+
+        if args.synthetic_mb:
+            h, v, vds, dts = args.synthetic_shape.split(",")
+            h, v, vds = int(h), int(v), int(vds)
+            dtype = getattr(torch, dts)
+            print(f"\nwrite path alone, synthetic H={h}, V={v}, Vd={vds}, {dts} (aux and hidden/logits; "
+                  f"target_probs fp32), 256 MiB shards, {args.writer_threads} writer threads, "
+                  f"~{args.synthetic_mb} MB per mode, disk under {work}\n")
+            print("| mode | bytes/token | vs logits | writer MB/s | writer tokens/s |")
+            print("|---|---|---|---|---|")
+            res = {}
+            for mode in ("logits", "hidden", "draft"):
+                out = work / f"synthetic-{mode}"
+                out.mkdir()
+                secs, nbytes, ntok = synthetic_write(out, mode, h, v, vds, dtype, args.synthetic_mb,
+                                                     threads=args.writer_threads)
+                shutil.rmtree(out)
+                res[mode] = (secs, nbytes, ntok)
+            for mode in ("hidden", "draft", "logits"):
+                secs, nbytes, ntok = res[mode]
+                base = res["logits"][1] / res["logits"][2]
+                print(f"| {mode} | {nbytes / ntok:,.0f} | {nbytes / ntok / base:.3f} | {nbytes / secs / 1e6:,.0f} | "
+                      f"{ntok / secs:,.0f} |", flush=True)
+        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,649 @@
+"""Chat data -> training rows: ``input_ids`` and an assistant-only ``loss_mask``.
+
+Owns everything between a chat file on disk and the token ids the target sees:
+
+- reading rows: JSONL (one JSON object a line) and Parquet (through ``datasets``),
+  each row numbered globally across the files given (:func:`iter_raw_rows`);
+- normalising a row: OpenAI-style ``messages`` (``role``/``content``) or ShareGPT-style
+  ``conversations`` (``from``/``value``, roles ``human``/``gpt``/``system``)
+  (:func:`row_to_messages`);
+- rendering with the tokenizer's chat template and building the loss mask
+  (:class:`ChatEncoder`): the template's own assistant mask when it has
+  ``{% generation %}`` markers, otherwise a per-turn rendering (see
+  :meth:`ChatEncoder.turn_mask`); optional masking of reasoning (``<think>`` text and
+  ``reasoning_content``); truncation to ``max_length``;
+- accounting: a malformed row is skipped with a reason, a row with no supervised token
+  is reported (never silently kept), and both are counted (:class:`DataReport`);
+  ``strict`` turns either into an error.
+
+Why JSONL is read line by line rather than through ``datasets``: its JSON loader infers
+one schema for the whole file and fails the whole file on one bad line, so a single
+malformed row could not be skipped and reported with its line number. Parquet has a
+schema by construction, so ``datasets`` reads it (streaming, no cache copy).
+
+A *supervised token* is a position the draft is trained on after the EAGLE-3 shift:
+``loss_mask[1:]`` summed (position 0 never is a target).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+__all__ = [
+    "MalformedRow",
+    "RawRow",
+    "Sample",
+    "Skipped",
+    "DataReport",
+    "ChatEncoder",
+    "iter_raw_rows",
+    "count_rows",
+    "row_to_messages",
+    "iter_samples",
+    "has_generation_block",
+    "sample_data_path",
+    "SHAREGPT_ROLES",
+    "MALFORMED",
+    "ZERO_SUPERVISION",
+    "Encoded",
+    "check_data_files",
+    "encode_row",
+    "scan",
+    "load_tokenizer",
+    "special_token_ids",
+    "iter_supervised_ids",
+]
+
+MALFORMED = "malformed"
+ZERO_SUPERVISION = "zero_supervision"
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "bing": "assistant", "model": "assistant",
+    "system": "system",
+    "tool": "tool", "function": "tool", "observation": "tool",
+}
+# Fields in which chat templates (and transformers' aliasing) carry an assistant's reasoning.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class MalformedRow(ValueError):
+    """A row that cannot become a training sample; ``reason`` is a short category used
+    for counting, ``detail`` says what exactly was wrong."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def sample_data_path(name: str = "sample_chats.jsonl") -> Path:
+    """A sample data file shipped with the package (``sample_chats.jsonl``: OpenAI
+    messages; ``sample_sharegpt.jsonl``: ShareGPT conversations)."""
+    return Path(str(resources.files("eagle3_target.data").joinpath(name)))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One row as read: ``index`` is global over all files, ``where`` is ``file:line``
+    (JSONL) or ``file#row`` (Parquet); exactly one of ``value`` and ``error`` is set."""
+
+    index: int
+    where: str
+    value: Any = None
+    error: str | None = None
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    raise ValueError(f"{path}: unsupported data file (use .jsonl, .json or .parquet)")
+
+
+def check_data_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The paths as :class:`Path`, each an existing file of a known kind (else ValueError)."""
+    if not paths:
+        raise ValueError("no data files given")
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise ValueError(f"data file {p} does not exist")
+        _kind(p)
+        out.append(p)
+    return out
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, raw.decode("utf-8", errors="replace")
+
+
+def count_rows(paths: Sequence[str | Path]) -> int:
+    """Rows in the files (non-blank JSONL lines; Parquet row counts from the footer)."""
+    n = 0
+    for p in check_data_files(paths):
+        if _kind(p) == "parquet":
+            import pyarrow.parquet as pq
+
+            n += pq.ParquetFile(p).metadata.num_rows
+        else:
+            n += sum(1 for _ in _jsonl_lines(p))
+    return n
+
+
+def iter_raw_rows(
+    paths: Sequence[str | Path], *, start: int = 0, keep: Callable[[int], bool] | None = None
+) -> Iterator[RawRow]:
+    """Rows of all files in order, numbered globally from 0. Rows before ``start`` and
+    rows for which ``keep(index)`` is false are passed over without being parsed."""
+    index = 0
+    for p in check_data_files(paths):
+        if _kind(p) == "parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(p).metadata.num_rows
+            if index + rows <= start:
+                index += rows
+                continue
+            from datasets import load_dataset
+
+            ds = load_dataset("parquet", data_files=str(p), split="train", streaming=True)
+            for j, row in enumerate(ds):
+                if index >= start and (keep is None or keep(index)):
+                    yield RawRow(index, f"{p.name}#{j}", value=row)
+                index += 1
+            continue
+        for lineno, line in _jsonl_lines(p):
+            if index >= start and (keep is None or keep(index)):
+                try:
+                    yield RawRow(index, f"{p.name}:{lineno}", value=json.loads(line))
+                except json.JSONDecodeError as e:
+                    yield RawRow(index, f"{p.name}:{lineno}", error=f"{e.msg} at column {e.colno}")
+            index += 1
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _text_content(content: Any, where: str) -> Any:
+    """Message content as a string; lists of text parts are joined, None is kept (an
+    assistant turn that only calls tools)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise MalformedRow("non-text content", f"{where} has a content part of type {kind!r}")
+        return "".join(parts)
+    raise MalformedRow("bad content", f"{where} content is a {type(content).__name__}, not a string")
+
+
+def row_to_messages(row: Any) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """A row -> ``(messages, tools)`` in OpenAI form, or :class:`MalformedRow`.
+
+    Accepts ``{"messages": [{"role", "content", ...}]}`` and
+    ``{"conversations": [{"from", "value"}]}`` (ShareGPT; also ``conversations`` holding
+    OpenAI-style messages). Extra message keys (``reasoning_content``, ``tool_calls``)
+    are kept for the template; an optional top-level ``system`` string is prepended.
+    """
+    if not isinstance(row, dict):
+        raise MalformedRow("not an object", f"row is a {type(row).__name__}")
+    key = "messages" if "messages" in row else "conversations" if "conversations" in row else None
+    if key is None:
+        raise MalformedRow("no messages", "row has neither 'messages' nor 'conversations'")
+    turns = row[key]
+    if not isinstance(turns, list):
+        raise MalformedRow("no messages", f"'{key}' is a {type(turns).__name__}, not a list")
+    if not turns:
+        raise MalformedRow("no messages", f"'{key}' is empty")
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise MalformedRow("bad message", f"{where} is a {type(turn).__name__}, not an object")
+        if "from" in turn and "role" not in turn:
+            who = turn["from"]
+            if not isinstance(who, str) or who.lower() not in SHAREGPT_ROLES:
+                raise MalformedRow("unknown role", f"{where} has ShareGPT role {who!r} "
+                                   f"(known: {', '.join(sorted(SHAREGPT_ROLES))})")
+            msg = {k: v for k, v in turn.items() if k not in ("from", "value")}
+            msg["role"] = SHAREGPT_ROLES[who.lower()]
+            msg["content"] = _text_content(turn.get("value"), where)
+        elif "role" in turn:
+            role = turn["role"]
+            if not isinstance(role, str) or not role:
+                raise MalformedRow("unknown role", f"{where} role is {role!r}")
+            msg = dict(turn)
+            msg["content"] = _text_content(turn.get("content"), where)
+        else:
+            raise MalformedRow("bad message", f"{where} has neither 'role' nor 'from'")
+        if msg["content"] is None and not msg.get("tool_calls"):
+            raise MalformedRow("bad content", f"{where} has no content")
+        messages.append(msg)
+    system = row.get("system")
+    if isinstance(system, str) and system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    tools = row.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise MalformedRow("bad tools", f"'tools' is a {type(tools).__name__}, not a list")
+    return messages, tools
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def has_generation_block(template: str) -> bool:
+    """True when the Jinja template has a ``{% generation %}`` block (found with Jinja's
+    own lexer, so comments and string literals that mention the word do not count)."""
+    import jinja2
+
+    prev = None
+    try:
+        for _, kind, value in jinja2.Environment().lex(template):
+            if kind == "whitespace":
+                continue
+            if kind == "name" and value == "generation" and prev == "block_begin":
+                return True
+            prev = kind
+    except jinja2.TemplateSyntaxError:
+        return False
+    return False
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _without_reasoning(message: dict[str, Any]) -> dict[str, Any] | None:
+    """The message with its reasoning text emptied (``reasoning_content`` and friends,
+    and the text inside ``<think>...</think>`` in the content), or None if it has none."""
+    out = dict(message)
+    changed = False
+    for k in REASONING_FIELDS:
+        if isinstance(out.get(k), str) and out[k]:
+            out[k] = ""
+            changed = True
+    content = out.get("content")
+    if isinstance(content, str) and THINK_OPEN in content:
+        pieces, pos = [], 0
+        while True:
+            a = content.find(THINK_OPEN, pos)
+            if a < 0:
+                pieces.append(content[pos:])
+                break
+            a += len(THINK_OPEN)
+            b = content.find(THINK_CLOSE, a)
+            pieces.append(content[pos:a])
+            if b < 0:  # unterminated: the rest is reasoning
+                break
+            changed = changed or b > a
+            pos = b
+        new = "".join(pieces)
+        if new != content:
+            out["content"] = new
+            changed = True
+    return out if changed else None
+
+
+@dataclass
+class Encoded:
+    """``input_ids``/``loss_mask`` (equal length lists); ``full_supervised`` counts the
+    supervised tokens before truncation (to explain a zero-supervision sample)."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool
+    full_supervised: int
+    mask_source: str
+
+
+class ChatEncoder:
+    """Renders conversations with a tokenizer's chat template into ``input_ids`` and an
+    assistant-only ``loss_mask``.
+
+    Args:
+        tokenizer: a transformers tokenizer with a chat template.
+        max_length: keep at most this many tokens (right truncation); None keeps all.
+        mask_reasoning: exclude reasoning text (``<think>`` content, ``reasoning_content``)
+            from the loss mask; the ``<think>``/``</think>`` tags stay supervised.
+        vocab_size: when given, a token id >= it is a malformed row (tokenizer and model
+            disagree), caught here rather than failing a whole batch in the target.
+        use_template_mask: None (default) uses the template's ``{% generation %}`` mask
+            when the template has one; False always uses the per-turn rendering.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_length: int | None = None,
+        mask_reasoning: bool = False,
+        vocab_size: int | None = None,
+        use_template_mask: bool | None = None,
+    ):
+        if max_length is not None and (isinstance(max_length, bool) or max_length < 2):
+            raise ValueError(f"max_length must be at least 2 tokens, got {max_length!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.mask_reasoning = mask_reasoning
+        self.vocab_size = vocab_size
+        try:
+            template = tokenizer.get_chat_template()
+        except Exception as e:  # no template at all: nothing we can render
+            raise ValueError(f"the tokenizer has no chat template ({e})") from None
+        self.template = template
+        can_mask = has_generation_block(template) and bool(getattr(tokenizer, "is_fast", False))
+        self.use_template_mask = can_mask if use_template_mask is None else (use_template_mask and can_mask)
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        for tid, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+            if getattr(tok, "special", False):
+                special.add(int(tid))
+        self._special = special
+
+    # -- rendering ------------------------------------------------------------------
+    def _render(self, messages: list[dict], tools: list | None, *, mask: bool = False,
+                generation_prompt: bool = False) -> tuple[list[int], list[int] | None]:
+        import jinja2
+
+        try:
+            out = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=mask, add_generation_prompt=generation_prompt)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+            raise MalformedRow("template error", f"the chat template rejected the conversation: {e}") from None
+        ids = list(out["input_ids"])
+        return ids, (list(out["assistant_masks"]) if mask else None)
+
+    def turn_mask(self, messages: list[dict], tools: list | None, full: list[int]) -> list[int]:
+        """The assistant mask from per-turn renders, with no pattern matching on text.
+
+        For each assistant message ``k``: it starts where the render of ``messages[:k]``
+        with the generation prompt stops agreeing with the full render (so the role
+        header, and anything else the template supplies before the model speaks, stays
+        unsupervised), and ends where the render of ``messages[:k+1]`` ends, less
+        trailing layout (whitespace-only tokens after the turn's last special token,
+        e.g. ChatML's newline after ``<|im_end|>``). A prefix that does not reproduce the
+        start of the full render (a template that rewrites earlier turns from later
+        ones) makes the row malformed instead of guessing.
+        """
+        mask = [0] * len(full)
+        plain: dict[int, list[int]] = {len(messages): full}
+
+        def prefix(k: int) -> list[int]:
+            if k not in plain:
+                plain[k] = self._render(messages[:k], tools)[0]
+            return plain[k]
+
+        def consistent_end(ids: list[int]) -> int:
+            if ids == full[: len(ids)]:
+                return len(ids)
+            # A template may close the conversation with a special token (an EOS) that
+            # the same turn does not carry mid-conversation.
+            if len(ids) > 1 and ids[-1] in self._special and ids[:-1] == full[: len(ids) - 1]:
+                return len(ids) - 1
+            raise MalformedRow(
+                "template rewrites turns",
+                "rendering the conversation up to a turn does not reproduce the start of the "
+                "full render (the template changes earlier turns based on later ones), so the "
+                "assistant tokens cannot be located; use a template with {% generation %} markers")
+
+        for k, msg in enumerate(messages):
+            if msg.get("role") != "assistant":
+                continue
+            if k == 0:
+                start = 0
+            else:
+                before = consistent_end(prefix(k))
+                head = self._render(messages[:k], tools, generation_prompt=True)[0]
+                start = max(before, _common_prefix(head, full))
+            end = consistent_end(prefix(k + 1))
+            end = self._trim_layout(full, start, end)
+            for i in range(start, end):
+                mask[i] = 1
+        return mask
+
+    def _trim_layout(self, ids: list[int], start: int, end: int) -> int:
+        last_special = next((i for i in range(end - 1, start - 1, -1) if ids[i] in self._special), None)
+        if last_special is None:
+            return end
+        tail = ids[last_special + 1 : end]
+        if all(not self.tokenizer.decode([t]).strip() for t in tail):
+            return last_special + 1
+        return end
+
+    def reasoning_spans(self, messages: list[dict], tools: list | None,
+                        full: list[int]) -> list[tuple[int, int]]:
+        """Token spans of reasoning text: for each assistant turn that has reasoning, the
+        part of the full render that changes when that reasoning is emptied."""
+        spans = []
+        for k, msg in enumerate(messages):
+            if msg.get("role") != "assistant":
+                continue
+            variant = _without_reasoning(msg)
+            if variant is None:
+                continue
+            other = self._render(messages[:k] + [variant] + messages[k + 1:], tools)[0]
+            p = _common_prefix(full, other)
+            s = _common_prefix(full[p:][::-1], other[p:][::-1])
+            if len(full) - s > p:
+                spans.append((p, len(full) - s))
+        return spans
+
+    def encode(self, messages: list[dict], tools: list | None = None) -> Encoded:
+        """Renders one conversation. Raises :class:`MalformedRow` on a conversation the
+        template cannot render or whose assistant tokens cannot be located."""
+        if self.use_template_mask:
+            full, mask = self._render(messages, tools, mask=True)
+            source = "template"
+        else:
+            full, _ = self._render(messages, tools)
+            mask = self.turn_mask(messages, tools, full)
+            source = "turns"
+        if not full:
+            raise MalformedRow("empty render", "the conversation renders to no tokens")
+        if self.mask_reasoning:
+            for a, b in self.reasoning_spans(messages, tools, full):
+                mask[a:b] = [0] * (b - a)
+        if self.vocab_size is not None:
+            bad = [t for t in full if t >= self.vocab_size]
+            if bad:
+                raise MalformedRow("token id out of range",
+                                   f"token ids {bad[:3]} >= the model's vocab size {self.vocab_size}")
+        full_supervised = sum(mask[1:])
+        truncated = self.max_length is not None and len(full) > self.max_length
+        if truncated:
+            full, mask = full[: self.max_length], mask[: self.max_length]
+        return Encoded(full, mask, truncated, full_supervised, source)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """A training row: ``row`` is the global row index it came from."""
+
+    row: int
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    @property
+    def supervised(self) -> int:
+        return sum(self.loss_mask[1:])
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A row that produced no sample. ``kind`` is ``"malformed"`` or
+    ``"zero_supervision"``; ``reason`` is the category counted, ``detail`` the specifics."""
+
+    row: int
+    where: str
+    kind: str
+    reason: str
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.where} (row {self.row}): {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"row": self.row, "where": self.where, "kind": self.kind, "reason": self.reason,
+                "detail": self.detail}
+
+
+def encode_row(raw: RawRow, encoder: ChatEncoder) -> Sample | Skipped:
+    """One raw row -> a :class:`Sample`, or a :class:`Skipped` saying why not."""
+    if raw.error is not None:
+        return Skipped(raw.index, raw.where, MALFORMED, "not JSON", raw.error)
+    try:
+        messages, tools = row_to_messages(raw.value)
+        enc = encoder.encode(messages, tools)
+    except MalformedRow as e:
+        return Skipped(raw.index, raw.where, MALFORMED, e.reason, e.detail)
+    sample = Sample(raw.index, enc.input_ids, enc.loss_mask)
+    if sample.supervised == 0:
+        if not any(m.get("role") == "assistant" for m in messages):
+            reason = "no assistant turn"
+        elif enc.truncated and enc.full_supervised > 0:
+            reason = f"truncated before the first assistant token (max_length {encoder.max_length})"
+        elif encoder.mask_reasoning:
+            reason = "no assistant tokens outside reasoning"
+        else:
+            reason = "no assistant tokens"
+        return Skipped(raw.index, raw.where, ZERO_SUPERVISION, reason, f"{len(enc.input_ids)} tokens")
+    return sample
+
+
+def iter_samples(
+    paths: Sequence[str | Path],
+    encoder: ChatEncoder,
+    *,
+    start: int = 0,
+    keep: Callable[[int], bool] | None = None,
+) -> Iterator[Sample | Skipped]:
+    """Samples and skipped rows of the files, in row order (see :func:`iter_raw_rows`)."""
+    for raw in iter_raw_rows(paths, start=start, keep=keep):
+        yield encode_row(raw, encoder)
+
+
+@dataclass
+class DataReport:
+    """Counts of skipped rows by kind and reason, with the first few examples of each kind."""
+
+    max_examples: int = 5
+    counts: dict[str, Counter] = field(default_factory=lambda: {MALFORMED: Counter(), ZERO_SUPERVISION: Counter()})
+    examples: dict[str, list[dict]] = field(default_factory=lambda: {MALFORMED: [], ZERO_SUPERVISION: []})
+
+    def add(self, s: Skipped) -> None:
+        self.counts[s.kind][s.reason] += 1
+        if len(self.examples[s.kind]) < self.max_examples:
+            self.examples[s.kind].append(s.to_json())
+
+    def add_json(self, counts: dict[str, dict[str, int]], examples: dict[str, list[dict]]) -> None:
+        for kind, by_reason in counts.items():
+            self.counts.setdefault(kind, Counter()).update(by_reason)
+        for kind, exs in examples.items():
+            room = self.max_examples - len(self.examples.setdefault(kind, []))
+            self.examples[kind].extend(exs[: max(room, 0)])
+
+    def total(self, kind: str) -> int:
+        return sum(self.counts.get(kind, Counter()).values())
+
+    def counts_json(self) -> dict[str, dict[str, int]]:
+        return {k: dict(sorted(v.items())) for k, v in sorted(self.counts.items())}
+
+    def examples_json(self) -> dict[str, list[dict]]:
+        return {k: list(v) for k, v in sorted(self.examples.items())}
+
+    def lines(self) -> list[str]:
+        out = []
+        for kind, title in ((MALFORMED, "malformed rows skipped"),
+                            (ZERO_SUPERVISION, "rows with no supervised token skipped")):
+            n = self.total(kind)
+            if not n:
+                continue
+            reasons = ", ".join(f"{r}: {c}" for r, c in sorted(self.counts[kind].items()))
+            out.append(f"{title}: {n} ({reasons})")
+            for ex in self.examples[kind]:
+                detail = f" ({ex['detail']})" if ex.get("detail") else ""
+                out.append(f"  e.g. {ex['where']} (row {ex['row']}): {ex['reason']}{detail}")
+        return out
+
+    def strict_error(self) -> str | None:
+        """The message ``--strict`` raises, or None when nothing was skipped."""
+        if not (self.total(MALFORMED) or self.total(ZERO_SUPERVISION)):
+            return None
+        return "--strict: " + "; ".join(self.lines())
+
+
+def scan(
+    paths: Sequence[str | Path],
+    encoder: ChatEncoder,
+    *,
+    keep: Callable[[int], bool] | None = None,
+    on_sample: Callable[[Sample], None] | None = None,
+) -> tuple[int, DataReport]:
+    """Encodes every row once: ``(number of samples, report)``; ``on_sample`` sees each."""
+    report = DataReport()
+    n = 0
+    for item in iter_samples(paths, encoder, keep=keep):
+        if isinstance(item, Skipped):
+            report.add(item)
+        else:
+            n += 1
+            if on_sample is not None:
+                on_sample(item)
+    return n, report
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a local model directory (nothing is downloaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's special tokens (BOS/EOS/PAD/UNK and its additional special
+    tokens), in the tokenizer's order, without duplicates."""
+    seen: list[int] = []
+    for t in getattr(tokenizer, "all_special_ids", []) or []:
+        if t is not None and int(t) not in seen:
+            seen.append(int(t))
+    return seen
+
+
+def iter_supervised_ids(samples: Iterable[Sample]) -> Iterator[list[int]]:
+    """Supervised token ids of each sample (the tokens at positions 1.. under the mask)."""
+    for s in samples:
+        yield [t for t, m in zip(s.input_ids[1:], s.loss_mask[1:]) if m]

@@ -1,0 +1,356 @@
+"""The on-disk format of a dump: names, manifests, shard files and their writer.
+
+Owns everything that touches bytes on disk for :mod:`eagle3_target.dump` (the writer
+job), :mod:`eagle3_target.verify` and :mod:`eagle3_target.reader`.
+
+Layout of a dump folder (worker ``i`` of ``K``; ``K == 1`` drops ``-iiiii-of-KKKKK``)::
+
+    manifest[-iiiii-of-KKKKK].json          config, shards (sha256, rows, counts), summary
+    shard[-iiiii-of-KKKKK]-jjjjj.safetensors packed samples of one shard
+    lm_head.safetensors                     hidden mode: the LM head that rebuilds logits
+    .lock-iiiii-of-KKKKK, .tmp-*            the writer's lock and temporary files
+
+A shard packs its samples along the token axis (``T`` tokens, ``n`` samples):
+``input_ids [T] int64`` and ``loss_mask [T] uint8`` (unshifted, as rendered),
+``aux_hidden_states [T,3H]`` (unshifted), ``offsets [n+1] int64``, ``row_index [n] int64``
+(the global data row of each sample), and by mode, already in the EAGLE-3 alignment
+(row ``t`` supervises the prediction made at ``t``; each sample's last row is the zero
+tail): ``hidden`` -> ``hidden_states [T,H]`` (final norm), ``logits`` -> ``logits [T,V]``,
+``draft`` -> ``target_probs [T,Vd] fp32`` and ``position_mask [T] bool``. Float fields
+keep the target's dtype. The safetensors metadata holds one key, ``eagle3``: a JSON
+object with the format, the config hash and the shard's manifest entry (enough to
+adopt a shard whose manifest update a kill prevented).
+
+Why shards are serialised here rather than by ``safetensors.torch.save``: ``save``
+builds two in-memory copies of every shard before a byte reaches the disk, which held
+the writer to about 300 MB/s on the CPU machine; :func:`shard_layout` streams the very
+same bytes (a test compares them with ``save``'s) to the file and through sha256 in
+one pass. Reading stays with the library (``safe_open``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from eagle3_target.contract import LMHead
+
+__all__ = [
+    "FORMAT", "LM_HEAD_FILE", "KILL_ENV", "ShardJob", "ShardWriter", "shard_layout", "pack_shard",
+    "expected_fields", "manifest_paths", "read_manifest", "save_lm_head", "load_lm_head",
+    "sha256_file", "check_shard_file",
+]
+
+FORMAT = "eagle3-dump-v1"
+LM_HEAD_FILE = "lm_head.safetensors"
+KILL_ENV = "EAGLE3_TARGET_DUMP_KILL_AT"
+
+
+def expected_fields(config: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """Per-token tensors of a shard: name -> (dtype name, width or None for 1-D)."""
+    dt, h = config["dtype"], config["hidden_size"]
+    out: dict[str, tuple[str, int | None]] = {
+        "input_ids": ("int64", None), "loss_mask": ("uint8", None),
+        "aux_hidden_states": (dt, 3 * h)}
+    mode = config["mode"]
+    if mode == "hidden":
+        out["hidden_states"] = (dt, h)
+    elif mode == "logits":
+        out["logits"] = (dt, config["vocab_size"])
+    else:
+        out["target_probs"] = ("float32", config["draft_vocab_size"])
+        out["position_mask"] = ("bool", None)
+    return out
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_tag: str = "") -> None:
+    """Writes ``data`` to ``path`` via ``.tmp-`` + fsync + rename + directory fsync."""
+    tmp = path.parent / f".tmp-{tmp_tag}{path.name}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the resume tests: ``EAGLE3_TARGET_DUMP_KILL_AT=name:n`` kills
+    this process with SIGKILL the n-th time it passes ``name``."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec or not spec.startswith(name + ":"):
+        return
+    counts = kill_point.__dict__.setdefault("counts", {})
+    counts[name] = counts.get(name, 0) + 1
+    if counts[name] == int(spec.split(":")[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def manifest_paths(path: str | Path) -> list[Path]:
+    """The manifests in a dump folder (one per worker)."""
+    d = Path(path)
+    return sorted(p for p in d.glob("manifest*.json") if p.is_file())
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an {FORMAT} manifest")
+    return m
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.get_chat_template()).encode())
+    h.update(json.dumps(list(getattr(tokenizer, "all_special_ids", []))).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str) -> str:
+    """Hash of config.json and the names and sizes of the weight files (hashing the
+    weights themselves would cost minutes on a large model)."""
+    d = Path(path)
+    h = hashlib.sha256()
+    cfg = d / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for p in sorted(d.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file():
+            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def save_lm_head(path: Path, head: LMHead, tmp_tag: str) -> None:
+    from safetensors.torch import save
+
+    tensors = {"weight": head.weight.detach().cpu().contiguous()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.detach().cpu().contiguous()
+    meta = {"format": FORMAT, "scale": float(head.scale), "softcap": head.softcap}
+    write_atomic(path, save(tensors, metadata=header_meta(meta)), tmp_tag)
+
+
+def load_lm_head(path: str | Path, device: str | torch.device | None = None) -> LMHead:
+    """The LM head a hidden-mode dump stored (``lm_head.safetensors``)."""
+    from safetensors import safe_open
+
+    dev = str(device or "cpu")
+    with safe_open(str(path), framework="pt", device=dev) as f:
+        meta = read_header_meta(f)
+        weight = f.get_tensor("weight")
+        bias = f.get_tensor("bias") if "bias" in f.keys() else None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an {FORMAT} LM head")
+    softcap = meta.get("softcap")
+    return LMHead(weight=weight, bias=bias, scale=float(meta["scale"]),
+                  softcap=float(softcap) if softcap else None)
+
+
+def header_meta(obj: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata with one key: the library writes its metadata map in hash
+    order, so several keys would make the header bytes differ from run to run."""
+    return {"eagle3": json.dumps(obj, sort_keys=True)}
+
+
+def read_header_meta(f: Any) -> dict[str, Any]:
+    try:
+        return json.loads((f.metadata() or {}).get("eagle3", "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def check_shard_file(path: Path, entry: dict[str, Any], hash_it: bool) -> str | None:
+    """None when the finished shard at ``path`` matches its manifest entry, else why not."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes, manifest says {entry['bytes']}"
+    if hash_it and sha256_file(path) != entry["sha256"]:
+        return "sha256 mismatch"
+    return None
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@dataclass
+class ShardJob:
+    """A finished shard's contents, on its way to the writer thread."""
+
+    index: int
+    name: str
+    entry: dict[str, Any]
+    samples: list[dict[str, torch.Tensor]]
+    rows: list[int]
+    expected_sha256: str | None = None  # a repair: the hash the manifest recorded
+
+
+# safetensors dtype codes, ranked as the library orders tensors in a file (larger first).
+_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.float16: ("F16", 2),
+    torch.bfloat16: ("BF16", 3), torch.int32: ("I32", 4), torch.float32: ("F32", 5),
+    torch.float64: ("F64", 6), torch.int64: ("I64", 7),
+}
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple[bytes, list[torch.Tensor]]:
+    """One shard as safetensors: ``(header bytes, tensor pieces in file order)``.
+
+    Streams what ``safetensors.torch.save`` would build in memory -- the same bytes (a
+    test holds us to that) -- without concatenating the samples or serialising a copy,
+    so a shard goes to disk and through sha256 in one pass over its tensors.
+    """
+    lengths = [s["input_ids"].shape[0] for s in job.samples]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    parts: dict[str, list[torch.Tensor]] = {name: [s[name] for s in job.samples] for name in fields}
+    parts["offsets"] = [offsets]
+    parts["row_index"] = [torch.tensor(job.rows, dtype=torch.int64)]
+    order = sorted(parts, key=lambda n: (-_ST_DTYPES[parts[n][0].dtype][1], n))
+    meta = {"format": FORMAT, "config_sha256": config_sha, "entry": job.entry}
+    header: dict[str, Any] = {"__metadata__": header_meta(meta)}
+    pos = 0
+    pieces: list[torch.Tensor] = []
+    for name in order:
+        ps = parts[name]
+        dt = ps[0].dtype
+        if any(p.dtype != dt or p.shape[1:] != ps[0].shape[1:] for p in ps):
+            raise RuntimeError(f"shard field {name}: samples disagree in dtype or width")
+        n = sum(p.numel() for p in ps) * ps[0].element_size()
+        shape = [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]
+        header[name] = {"dtype": _ST_DTYPES[dt][0], "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+        pieces += ps
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, pieces
+
+
+def pack_shard(job: ShardJob, config_sha: str, fields: Sequence[str]) -> bytes:
+    """One shard's file bytes, in memory (for tests and small shards)."""
+    header, pieces = shard_layout(job, config_sha, fields)
+    return header + b"".join(bytes(byte_view(p)) for p in pieces)
+
+
+class ShardWriter:
+    """Writes shards in the background while the target keeps running.
+
+    ``threads`` workers each write a whole shard under a temporary name (header and
+    tensors streamed to disk and through sha256 in one pass, then fsync); one committer
+    renames them in index order and records each in the manifest, so the manifest
+    always lists a prefix of the shards. At most ``threads`` finished shards wait in
+    memory besides the one being committed.
+    """
+
+    def __init__(self, out: Path, on_written: Callable[[ShardJob, dict[str, Any]], None],
+                 config_sha: str, fields: Sequence[str], tmp_tag: str, threads: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out, self.on_written, self.config_sha = out, on_written, config_sha
+        self.fields, self.tmp_tag = list(fields), tmp_tag
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eagle3-shard")
+        self._commits: queue.Queue = queue.Queue(maxsize=threads)
+        self._thread = threading.Thread(target=self._commit_loop, name="eagle3-shard-commit", daemon=True)
+        self._thread.start()
+
+    def _prepare(self, job: ShardJob) -> tuple[Path, str, int]:
+        header, pieces = shard_layout(job, self.config_sha, self.fields)
+        tmp = self.out / f".tmp-{self.tmp_tag}{job.name}"
+        h = hashlib.sha256(header)
+        size = len(header)
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for p in pieces:
+                mv = byte_view(p)
+                h.update(mv)
+                f.write(mv)
+                size += mv.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp, h.hexdigest(), size
+
+    def _commit_loop(self) -> None:
+        while (item := self._commits.get()) is not None:
+            job, fut = item
+            try:
+                tmp, sha, size = fut.result()
+                if self.error is not None:
+                    continue
+                kill_point("shard_written")
+                os.replace(tmp, self.out / job.name)
+                fsync_dir(self.out)
+                kill_point("shard_renamed")
+                self.bytes_written += size
+                self.on_written(job, dict(job.entry, file=job.name, bytes=size, sha256=sha))
+                kill_point("manifest_written")
+            except BaseException as e:  # surfaced to the main thread by put()/close()
+                if self.error is None:
+                    self.error = e
+
+    def put(self, job: ShardJob) -> None:
+        self._check()
+        self._commits.put((job, self._pool.submit(self._prepare, job)))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._commits.put(None)
+            self._thread.join()
+            self._pool.shutdown(wait=True)
+        self._check()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing a shard failed: {self.error}") from self.error
