@@ -63,7 +63,9 @@ for stage in "$@"; do
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
       cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/
       step 420 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
-        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 1024 \
+        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 0 --batch-tokens 16384 \
+        --draft-vocab-size 32000 --engine-arg attention_backend=triton \
+        --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/bench_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     *) echo "unknown stage $stage"; rc=1 ;;
   esac
