@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from eagle3_target.cli import add_model_args, load_target, parse_aux_layers, resolve_model
-from eagle3_target.server.cli import _parse_engine_args
 from eagle3_target.data.chat import ChatEncoder, Sample, iter_samples, load_tokenizer, sample_data_path
 from eagle3_target.dump import MODES, DumpConfig, greedy_batches, run_dump
 from eagle3_target.shards import ShardJob, ShardWriter
@@ -107,13 +106,11 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where shards are written (default: a temp folder)")
     p.add_argument("--synthetic-mb", type=int, default=1024, help="MB per mode for table 2 (0: skip)")
     p.add_argument("--synthetic-shape", default="4096,128256,32000,bfloat16", help="H,V,Vd,dtype")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine option (e.g. attention_backend=triton), repeatable")
     args = p.parse_args()
     modes = args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-dump-", dir=args.workdir))
     try:
-        target = load_target(args, **_parse_engine_args(args.engine_arg))
+        target = load_target(args)
         dev = str(target.runner.device) if hasattr(target.runner, "device") else "cpu"
         name = torch.cuda.get_device_name() if dev.startswith("cuda") else cpu_name()
         model_dir = resolve_model(args.model)

@@ -191,13 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     args.client_device = args.client_device or args.device
 
     from eagle3_target import Eagle3TargetModel, VocabMapping
-    from eagle3_target.cli import _quiet_transformers, resolve_model
-    from eagle3_target.server.cli import _parse_engine_args
+    from eagle3_target.cli import _quiet_transformers, parse_engine_args, resolve_model
     from eagle3_target.server.process import ServerProcess
 
     _quiet_transformers()
     model = resolve_model(args.model)
-    engine_kwargs = _parse_engine_args(args.engine_arg)
+    engine_kwargs = parse_engine_args(args.engine_arg)
     aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
     target = Eagle3TargetModel.from_pretrained(model, engine=args.engine, device=args.device,
                                                dtype=args.dtype, aux_layer_ids=aux,

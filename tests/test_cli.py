@@ -101,3 +101,23 @@ def test_help_for_every_subcommand():
     for cmd in ("make-tiny-model", "info", "forward", "bench", "demo"):
         r = run_cli(cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout, cmd
+
+
+def test_engine_args_reach_the_engine(tiny_model_dir):
+    import argparse
+
+    from eagle3_target.cli import add_model_args, load_target
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    args = p.parse_args(["--model", str(tiny_model_dir), "--engine-arg", "attn_implementation=eager"])
+    target = load_target(args)
+    try:
+        assert target.runner.model.config._attn_implementation == "eager"
+    finally:
+        target.close()
+    bad = p.parse_args(["--model", str(tiny_model_dir), "--engine-arg", "no_value"])
+    import pytest
+
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        load_target(bad)

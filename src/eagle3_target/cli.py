@@ -16,7 +16,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "SUBCOMMAND_MODULES", "add_model_args", "load_target", "resolve_model"]
+__all__ = ["main", "SUBCOMMAND_MODULES", "add_model_args", "load_target", "parse_engine_args",
+           "resolve_model"]
 
 # Modules with a `register(subparsers)` function, in --help order.
 SUBCOMMAND_MODULES: list[str] = [
@@ -43,6 +44,10 @@ def add_model_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None:
                    help="float32|bfloat16|float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--aux-layers", default=None,
                    help="three comma-separated decoder layer ids (default: 1,N/2-1,N-4)")
+    if engine:
+        p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="engine option passed to the engine's build(), e.g. "
+                            "attention_backend=triton (repeatable; VALUE parsed as JSON when it parses)")
 
 
 def parse_aux_layers(text: str | None) -> list[int] | None:
@@ -52,6 +57,21 @@ def parse_aux_layers(text: str | None) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"--aux-layers must be comma-separated integers, got {text!r}")
+
+
+def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{"key": value}``; values parsed as JSON when they parse,
+    dashes in keys become underscores."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
 
 
 def resolve_model(path: str | None) -> str:
@@ -66,7 +86,8 @@ def resolve_model(path: str | None) -> str:
 
 
 def load_target(args: argparse.Namespace, **engine_kwargs: Any):
-    """Builds an :class:`~eagle3_target.Eagle3TargetModel` from the shared model args."""
+    """Builds an :class:`~eagle3_target.Eagle3TargetModel` from the shared model args;
+    ``--engine-arg`` options, then ``engine_kwargs`` (which win), go to the engine."""
     from eagle3_target import Eagle3TargetModel
 
     _quiet_transformers()
@@ -76,7 +97,7 @@ def load_target(args: argparse.Namespace, **engine_kwargs: Any):
         device=args.device,
         dtype=args.dtype,
         aux_layer_ids=parse_aux_layers(args.aux_layers),
-        **engine_kwargs,
+        **{**parse_engine_args(getattr(args, "engine_arg", None) or []), **engine_kwargs},
     )
 
 
@@ -189,7 +210,6 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int = 0):
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
-    import torch
     from safetensors.torch import save_file
 
     target = load_target(args)

@@ -118,6 +118,8 @@ class DumpConfig:
     device: str | None = None
     dtype: str | None = None
     aux_layer_ids: list[int] | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Options for the engine's ``build()`` (``--engine-arg``), e.g. ``attention_backend``."""
     vocab: str | None = None
     """Draft-vocab mapping (``eagle3-target vocab``); required for ``draft`` mode."""
     max_length: int | None = 2048
@@ -505,7 +507,7 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
     _quiet_transformers()
     return Eagle3TargetModel.from_pretrained(resolve_model(cfg.model), engine=cfg.engine,
                                              device=cfg.device, dtype=cfg.dtype,
-                                             aux_layer_ids=cfg.aux_layer_ids)
+                                             aux_layer_ids=cfg.aux_layer_ids, **cfg.engine_args)
 
 
 def _source_dims(source: Any, mode: str, mapping: Any) -> tuple[int, int, str]:
@@ -785,13 +787,14 @@ def _adopt_orphan(d: _Dumper) -> int:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    from eagle3_target.cli import parse_aux_layers
+    from eagle3_target.cli import parse_aux_layers, parse_engine_args
 
     cfg = DumpConfig(
         out=args.out, data=args.data or [str(sample_data_path())], mode=args.mode, model=args.model,
         engine=args.engine, server=[u for u in args.server.split(",") if u] if args.server else None,
         tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-        aux_layer_ids=parse_aux_layers(args.aux_layers), vocab=args.vocab,
+        aux_layer_ids=parse_aux_layers(args.aux_layers),
+        engine_args=parse_engine_args(args.engine_arg), vocab=args.vocab,
         max_length=args.max_length or None, mask_reasoning=args.mask_reasoning,
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,

@@ -236,7 +236,7 @@ def test_postprocess_rejects_a_draft_job_without_mapping(reference):
 
 
 def test_engine_args_pass_through_as_json_values():
-    from eagle3_target.server.cli import _parse_engine_args
+    from eagle3_target.cli import parse_engine_args as _parse_engine_args
 
     assert _parse_engine_args(["mem-fraction-static=0.8", "tp_size=2", "attention_backend=fa3",
                                "flag=true", "cfg={\"a\": 1}"]) == {

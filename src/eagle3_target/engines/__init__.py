@@ -8,9 +8,12 @@ SGLang (or any engine's heavy dependencies). A new engine adds one line to
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eagle3_target.contract import TargetRunner
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ENGINES", "build_runner", "parse_dtype"]
 

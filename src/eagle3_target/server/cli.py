@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -185,28 +184,15 @@ def run_server(
     return 0
 
 
-def _parse_engine_args(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--engine-arg {item!r}: expected KEY=VALUE")
-        try:
-            out[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = raw
-    return out
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from eagle3_target.cli import load_target, resolve_model
+    from eagle3_target.cli import load_target, parse_engine_args, resolve_model
 
     token = read_token(args.token_file)
     check_bind(args.host, token, args.insecure)  # before any heavy import or model build
-    engine_kwargs = _parse_engine_args(args.engine_arg)
-    if args.engine == "sglang":
+    engine_kwargs: dict[str, Any] = {}
+    if args.engine == "sglang" and "max_batch_tokens" not in parse_engine_args(args.engine_arg):
         # Size SGLang's KV pool for the largest engine call this server will make.
-        engine_kwargs.setdefault("max_batch_tokens", args.max_batch_tokens)
+        engine_kwargs["max_batch_tokens"] = args.max_batch_tokens
     model = resolve_model(args.model)
     args.model = model
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
@@ -248,9 +234,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="request body cap in bytes (413 above; default 64 MiB)")
     p.add_argument("--exit-on-disconnect", action="store_true",
                    help="shut down when a NeMo client POSTs /disconnect (NeMo's own server does)")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine option passed through to the engine's build() (repeatable; "
-                        "VALUE parsed as JSON when it parses)")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="server log level")
     p.set_defaults(func=_cmd_serve)
