@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmark on a device-tool machine.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b bench bench-server bench-dump
+#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large
 #
 # GPU_DIR (carried, git-ignored) holds bundle/ (../shared/gpu/build-sglang-bundle.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -67,6 +67,20 @@ for stage in "$@"; do
         --draft-vocab-size 32000 --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/bench_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    bench-dump-large)
+      # Hidden mode on 10x the sample chats (~385k tokens), so the dump's fixed costs
+      # (writing the 1 GB LM head once, start-up) weigh as little as in a real dump.
+      step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
+      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+      cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/
+      chats=$G/code/src/eagle3_target/data/sample_chats.jsonl
+      for i in $(seq 10); do cat "$chats"; done > /tmp/chats-x10.jsonl
+      step 480 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
+        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 0 --batch-tokens 16384 \
+        --modes hidden --data /tmp/chats-x10.jsonl --shard-size-mb 256 --writer-threads 8 \
+        --engine-arg attention_backend=triton \
+        --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
+        | tee "$OUT/bench_dump_large.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     *) echo "unknown stage $stage"; rc=1 ;;
   esac
 done
