@@ -7,7 +7,7 @@
 # GPU_DIR (carried, git-ignored) holds bundle/ (../shared/gpu/build-sglang-bundle.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
 # earlier run), code/ (src/, scripts/, bench/ of this repository) and, for the server and
-# dump stages, extra/ (wheels the GPU image lacks: fastapi, uvicorn, httpx, prometheus-client,
+# dump stages, extra/ (wheels the GPU image lacks: fastapi, uvicorn, httptools, httpx, prometheus-client,
 # tqdm, opentelemetry-api and their pure-Python dependencies). Results and one log
 # go to $OUT; the flashinfer JIT cache is packed to $OUT/fi-cache.tgz for the next run.
 set -uo pipefail
