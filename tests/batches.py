@@ -1,6 +1,8 @@
-"""Batch builders shared by the engine tests."""
+"""Inputs shared by several test modules: padded id batches and sample-chat files."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -12,3 +14,12 @@ def right_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: in
     ids = torch.randint(0, vocab, (len(lengths), s), generator=g)
     mask = (torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
     return torch.where(mask.bool(), ids, torch.full_like(ids, pad_id)), mask
+
+
+def first_sample_chats(folder: Path, n: int) -> Path:
+    """Writes the first ``n`` bundled sample chats to ``folder/chats.jsonl``."""
+    from eagle3_target.data.chat import sample_data_path
+
+    p = folder / "chats.jsonl"
+    p.write_text("\n".join(sample_data_path().read_text().splitlines()[:n]) + "\n")
+    return p

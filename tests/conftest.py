@@ -26,6 +26,14 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tok(tiny_model_dir):
+    """The tiny model's tokenizer (ChatML template with generation markers)."""
+    from eagle3_target.data.chat import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_target(tiny_model_dir):
     from eagle3_target import Eagle3TargetModel
 

@@ -17,7 +17,6 @@ Nothing here imports sglang; the module is deliberately not named ``sglang``.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 from types import SimpleNamespace

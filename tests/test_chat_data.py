@@ -63,11 +63,6 @@ def qwen3_like_template(markers: bool) -> str:
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return load_tokenizer(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def llama_tok(tiny_model_dir):
     t = load_tokenizer(str(tiny_model_dir))
     t.add_special_tokens({"bos_token": "<|begin_of_text|>",

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from eagle3_target.cli import main as cli_main
-from eagle3_target.data.chat import ChatEncoder, iter_samples, load_tokenizer, sample_data_path
+from eagle3_target.data.chat import ChatEncoder, iter_samples
+from batches import first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
 from eagle3_target.shards import read_manifest
 from eagle3_target.verify import verify_dump
@@ -21,16 +22,8 @@ N_ROWS = 36
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return load_tokenizer(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    lines = sample_data_path().read_text().splitlines()[:N_ROWS]
-    p = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    p.write_text("\n".join(lines) + "\n")
-    return p
+    return first_sample_chats(tmp_path_factory.mktemp("data"), N_ROWS)
 
 
 @pytest.fixture(scope="module")

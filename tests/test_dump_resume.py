@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eagle3_target.data.chat import sample_data_path
+from batches import first_sample_chats
 from eagle3_target.shards import KILL_ENV, read_manifest
 
 N_ROWS = 300
@@ -45,10 +45,7 @@ def finished_shards(d: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    lines = sample_data_path().read_text().splitlines()[:N_ROWS]
-    p = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    p.write_text("\n".join(lines) + "\n")
-    return p
+    return first_sample_chats(tmp_path_factory.mktemp("data"), N_ROWS)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3_target.data.chat import ChatEncoder, iter_samples, load_tokenizer, sample_data_path
+from eagle3_target.data.chat import ChatEncoder, iter_samples
+from batches import first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
 from eagle3_target.reader import Eagle3Dataset
 from eagle3_target.server.process import ServerProcess
@@ -25,15 +26,8 @@ N_ROWS = 24
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return load_tokenizer(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    p.write_text("\n".join(sample_data_path().read_text().splitlines()[:N_ROWS]) + "\n")
-    return p
+    return first_sample_chats(tmp_path_factory.mktemp("data"), N_ROWS)
 
 
 @pytest.fixture(scope="module")
