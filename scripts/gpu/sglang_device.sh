@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmark on a device-tool machine.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large
+#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large diag-io
 #
 # GPU_DIR (carried, git-ignored) holds bundle/ (../shared/gpu/build-sglang-bundle.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -81,6 +81,9 @@ for stage in "$@"; do
         --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/bench_dump_large.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    diag-io)
+      # The I/O ceilings of this host: disk, sha256, memcpy, device-to-host, loopback HTTP.
+      step 300 python3 "$S/diag_io.py" --dir /tmp --mb 4096 --http-mb 256 | tee "$OUT/diag_io.txt" ;;
     *) echo "unknown stage $stage"; rc=1 ;;
   esac
 done
