@@ -61,6 +61,41 @@ def engine_only(target, batches: list[list[Sample]], mode: str, mapping, pad_id:
     return time.perf_counter() - t0
 
 
+class Breakdown:
+    """Where a dump's main thread spends its time (``--breakdown``): the engine call, the
+    gather + device-to-host copy, waiting for a free writer, the final drain, the LM head.
+    Wraps the dump's internals in place; the bench only."""
+
+    def __init__(self) -> None:
+        import dataclasses
+
+        import eagle3_target.dump as d
+        from eagle3_target.shards import ShardWriter
+
+        self.acc: dict[str, float] = {}
+        for mode, spec in list(d.MODES.items()):
+            d.MODES[mode] = dataclasses.replace(spec, compute=self._wrap(spec.compute, "engine"))
+        d._real_tokens = self._wrap(d._real_tokens, "gather+copy to host")
+        ShardWriter.put = self._wrap(ShardWriter.put, "wait for a writer")
+        ShardWriter.close = self._wrap(ShardWriter.close, "drain writers")
+        d._LMHeadWriter.join = self._wrap(d._LMHeadWriter.join, "wait for LM head")
+
+    def _wrap(self, f, key: str):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t0
+        return timed
+
+    def report(self, total: float) -> str:
+        parts = [f"{k} {v:.2f} s" for k, v in self.acc.items()]
+        rest = total - sum(self.acc.values())
+        self.acc.clear()
+        return f"main thread over {total:.2f} s: " + ", ".join(parts) + f", other {rest:.2f} s"
+
+
 def synthetic_write(out: Path, mode: str, h: int, v: int, vd: int, dtype: torch.dtype, total_mb: int,
                     shard_mb: int = 256, seq: int = 512, threads: int = 2) -> tuple[float, int, int]:
     """Writes ~total_mb of mode-shaped shards through the real ShardWriter:
@@ -101,13 +136,15 @@ def main() -> None:
     p.add_argument("--shard-size-mb", type=float, default=64)
     p.add_argument("--draft-vocab-size", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--writer-threads", type=int, default=2)
+    p.add_argument("--writer-threads", type=int, default=None, help="default: the dump's (half the cores, 2-8)")
     p.add_argument("--prefetch", type=int, default=0)
+    p.add_argument("--breakdown", action="store_true", help="print where the dump's main thread spent its time")
     p.add_argument("--workdir", default=None, help="where shards are written (default: a temp folder)")
     p.add_argument("--synthetic-mb", type=int, default=1024, help="MB per mode for table 2 (0: skip)")
     p.add_argument("--synthetic-shape", default="4096,128256,32000,bfloat16", help="H,V,Vd,dtype")
     args = p.parse_args()
     modes = args.modes.split(",")
+    breakdown = Breakdown() if args.breakdown else None
     work = Path(tempfile.mkdtemp(prefix="bench-dump-", dir=args.workdir))
     try:
         target = load_target(args)
@@ -149,10 +186,15 @@ def main() -> None:
                                  vocab=str(vocab_path) if mode == "draft" else None,
                                  batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
                                  writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False)
+                if breakdown is not None:
+                    breakdown.acc.clear()
                 t0 = time.perf_counter()
                 summary = run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
                 sync(dev)
                 d_times.append(time.perf_counter() - t0)
+                if breakdown is not None:
+                    print(f"  {mode} run {r}: engine alone {e_times[-1]:.2f} s; "
+                          + breakdown.report(d_times[-1]), file=sys.stderr, flush=True)
                 shutil.rmtree(out)
             # Engine and dump alternate within a repeat, so their ratio is taken per pair
             # (robust to load that changes between repeats), then the median.
@@ -170,8 +212,10 @@ def main() -> None:
             h, v, vds, dts = args.synthetic_shape.split(",")
             h, v, vds = int(h), int(v), int(vds)
             dtype = getattr(torch, dts)
+            writer_threads = DumpConfig(out=str(work)).writer_threads if args.writer_threads is None \
+                else args.writer_threads
             print(f"\nwrite path alone, synthetic H={h}, V={v}, Vd={vds}, {dts} (aux and hidden/logits; "
-                  f"target_probs fp32), 256 MiB shards, {args.writer_threads} writer threads, "
+                  f"target_probs fp32), 256 MiB shards, {writer_threads} writer threads, "
                   f"~{args.synthetic_mb} MB per mode, disk under {work}\n")
             print("| mode | bytes/token | vs logits | writer MB/s | writer tokens/s |")
             print("|---|---|---|---|---|")
@@ -180,7 +224,7 @@ def main() -> None:
                 out = work / f"synthetic-{mode}"
                 out.mkdir()
                 secs, nbytes, ntok = synthetic_write(out, mode, h, v, vds, dtype, args.synthetic_mb,
-                                                     threads=args.writer_threads)
+                                                     threads=writer_threads)
                 shutil.rmtree(out)
                 res[mode] = (secs, nbytes, ntok)
             for mode in ("hidden", "draft", "logits"):

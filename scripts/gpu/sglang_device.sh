@@ -76,8 +76,8 @@ for stage in "$@"; do
       chats=$G/code/src/eagle3_target/data/sample_chats.jsonl
       for i in $(seq 10); do cat "$chats"; done > /tmp/chats-x10.jsonl
       step 480 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
-        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 0 --batch-tokens 16384 \
-        --modes hidden --data /tmp/chats-x10.jsonl --shard-size-mb 256 --writer-threads 8 \
+        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 2048 --batch-tokens 16384 \
+        --modes hidden --data /tmp/chats-x10.jsonl --shard-size-mb 256 --breakdown \
         --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/bench_dump_large.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
