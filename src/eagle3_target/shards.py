@@ -35,7 +35,6 @@ import json
 import os
 import queue
 import signal
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from eagle3_target.contract import LMHead
+from eagle3_target.st_stream import byte_view, header_bytes
 
 __all__ = [
     "FORMAT", "LM_HEAD_FILE", "KILL_ENV", "ShardJob", "ShardWriter", "shard_layout", "pack_shard",
@@ -231,25 +231,13 @@ class ShardJob:
     expected_sha256: str | None = None  # a repair: the hash the manifest recorded
 
 
-# safetensors dtype codes, ranked as the library orders tensors in a file (larger first).
-_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
-    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.float16: ("F16", 2),
-    torch.bfloat16: ("BF16", 3), torch.int32: ("I32", 4), torch.float32: ("F32", 5),
-    torch.float64: ("F64", 6), torch.int64: ("I64", 7),
-}
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple[bytes, list[torch.Tensor]]:
     """One shard as safetensors: ``(header bytes, tensor pieces in file order)``.
 
     Streams what ``safetensors.torch.save`` would build in memory -- the same bytes (a
-    test holds us to that) -- without concatenating the samples or serialising a copy,
-    so a shard goes to disk and through sha256 in one pass over its tensors.
+    test holds us to that; the header comes from :mod:`eagle3_target.st_stream`) --
+    without concatenating the samples or serialising a copy, so a shard goes to disk
+    and through sha256 in one pass over its tensors.
     """
     lengths = [s["input_ids"].shape[0] for s in job.samples]
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
@@ -257,24 +245,16 @@ def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple
     parts: dict[str, list[torch.Tensor]] = {name: [s[name] for s in job.samples] for name in fields}
     parts["offsets"] = [offsets]
     parts["row_index"] = [torch.tensor(job.rows, dtype=torch.int64)]
-    order = sorted(parts, key=lambda n: (-_ST_DTYPES[parts[n][0].dtype][1], n))
-    meta = {"format": FORMAT, "config_sha256": config_sha, "entry": job.entry}
-    header: dict[str, Any] = {"__metadata__": header_meta(meta)}
-    pos = 0
-    pieces: list[torch.Tensor] = []
-    for name in order:
-        ps = parts[name]
+    entries = []
+    for name, ps in parts.items():
         dt = ps[0].dtype
         if any(p.dtype != dt or p.shape[1:] != ps[0].shape[1:] for p in ps):
             raise RuntimeError(f"shard field {name}: samples disagree in dtype or width")
-        n = sum(p.numel() for p in ps) * ps[0].element_size()
-        shape = [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]
-        header[name] = {"dtype": _ST_DTYPES[dt][0], "shape": shape, "data_offsets": [pos, pos + n]}
-        pos += n
-        pieces += ps
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, pieces
+        entries.append((name, dt, [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]))
+    meta = {"format": FORMAT, "config_sha256": config_sha, "entry": job.entry}
+    header, order = header_bytes(entries, header_meta(meta))
+    pieces = [p for i in order for p in parts[entries[i][0]]]
+    return header, pieces
 
 
 def pack_shard(job: ShardJob, config_sha: str, fields: Sequence[str]) -> bytes:
