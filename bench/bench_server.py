@@ -90,7 +90,8 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
                 rt = clients[mode] = RemoteTarget(url, token=token, mode=mode,
                                                   device=args.client_device,
                                                   dtype=args.wire_dtype, topk=args.topk,
-                                                  timeout=600)
+                                                  timeout=600,
+                                                  max_in_flight=max(2, args.prefetch))
                 if mode == "draft" or (mode == "hidden" and args.hidden_form == "draft"):
                     rt.set_vocab_mapping(torch.tensor(mapping_ids))
             call = rt.generate_topk if mode == "topk" else rt.generate_batch
@@ -101,9 +102,13 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
             if commands.get() != "go":
                 raise RuntimeError("protocol error: expected go")
             before = rt.stats["bytes_received"]
-            for b in batches:
-                out = call(*b)
-                del out
+            if args.prefetch:
+                for out in rt.prefetch(batches, depth=args.prefetch):
+                    del out
+            else:
+                for b in batches:
+                    out = call(*b)
+                    del out
             _sync()
             results.put(("done", c, rt.stats["bytes_received"] - before))
         except BaseException as e:  # reported by the parent
@@ -177,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-form", default="logits", choices=["logits", "draft"],
                    help="what hidden mode rebuilds on the client")
     p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--prefetch", type=int, default=0,
+                   help="each client keeps this many requests in flight with "
+                        "RemoteTarget.prefetch (0: one call after another)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="draft vocabulary size (default: 32000, or V/8 for small vocabularies)")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
@@ -266,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"model {model} | engine {args.engine} | device {args.device} ({dev}) | "
           f"wire dtype {args.wire_dtype} | {args.batch} x {args.seq_len} per request, "
-          f"{args.runs} runs per client, median of {args.repeat} repeats")
+          f"{args.runs} runs per client, prefetch {args.prefetch}, "
+          f"median of {args.repeat} repeats")
     logits_bpt = {r["clients"]: r["bytes_per_token"] for r in rows if r["mode"] == "logits"}
     print("| mode | clients | server tokens/s | in-process tokens/s | ratio | bytes/token | "
           "bytes vs logits |")
@@ -279,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['bytes_per_token']:,.0f} | {vs} |")
     if args.json:
         for r in rows:
+            r["prefetch"] = args.prefetch
             print(json.dumps(r))
     return 0
 

@@ -15,7 +15,13 @@ calling ``generate_batch``. What this module owns:
   connection error or 502/503/504, retrying with exponential backoff; every endpoint
   it calls is idempotent (supervision is a pure function of the inputs, mappings are
   content-addressed), so a retry can never double-count a batch;
-- ``generate_batch_async`` and :meth:`prefetch`, a bounded in-order prefetch iterator.
+- ``generate_batch_async`` and :meth:`prefetch`, a bounded in-order prefetch iterator;
+- the bulk read path: a response body goes from the socket straight into one buffer
+  (pinned host memory when ``device`` is CUDA; :mod:`eagle3_target.http_pool` says why
+  ``http.client`` and not httpx), its tensors are zero-copy views into that buffer
+  (:func:`eagle3_target.st_stream.decode_buffer`, strictly validated: the library's
+  ``load(bytes)`` would copy every tensor into fresh pageable memory), and they reach
+  the device by pinned-to-device copies.
 
 Errors: :class:`RemoteTargetError` (the server refused the request: status, error
 code, detail; never retried, except ``unknown_mapping``, answered by registering the
@@ -25,6 +31,7 @@ answered within the retries).
 
 from __future__ import annotations
 
+import base64
 import collections
 import concurrent.futures
 import random
@@ -36,9 +43,7 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import httpx
 import torch
-from safetensors.torch import load as st_load
 
 from eagle3_target.contract import (
     Eagle3TargetBatch,
@@ -53,6 +58,8 @@ from eagle3_target.server.protocol import (
     SupervisionParams,
     encode_safetensors,
 )
+from eagle3_target.http_pool import HttpPool, Reply, TransportError
+from eagle3_target.st_stream import SafetensorsFormatError, decode_buffer
 from eagle3_target.vocab import VocabMapping, compute_target_distribution
 
 __all__ = ["RemoteTarget", "RemoteTargetError", "RemoteTargetUnavailable", "TopKBatch"]
@@ -72,15 +79,14 @@ class RemoteTargetError(RuntimeError):
         self.url = url
 
     @classmethod
-    def from_response(cls, resp: httpx.Response) -> "RemoteTargetError":
+    def from_response(cls, resp: Reply) -> "RemoteTargetError":
         try:
             body = resp.json()
             error, detail = body.get("error"), body.get("detail")
         except (ValueError, AttributeError):
             error, detail = None, resp.text[:500]
-        url = str(resp.request.url.copy_with(query=None))
-        return cls(f"{resp.request.method} {url} -> {resp.status_code} {error}: {detail}",
-                   status=resp.status_code, error=error, detail=detail, url=url)
+        return cls(f"{resp.method} {resp.url} -> {resp.status_code} {error}: {detail}",
+                   status=resp.status_code, error=error, detail=detail, url=resp.url)
 
 
 class RemoteTargetUnavailable(RemoteTargetError):
@@ -108,13 +114,15 @@ class TopKBatch:
     loss_mask: torch.Tensor
 
 
-def _split_userinfo(url: str) -> tuple[str, httpx.BasicAuth | None]:
+def _split_userinfo(url: str) -> tuple[str, str | None]:
+    """``(URL without userinfo, Basic Authorization header value or None)``."""
     parts = urlsplit(url.rstrip("/"))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"server URL {url!r}: expected http(s)://host:port")
     auth = None
     if parts.username is not None or parts.password is not None:
-        auth = httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+        cred = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        auth = "Basic " + base64.b64encode(cred.encode("utf-8")).decode("ascii")
     netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     if parts.port is not None:
         netloc += f":{parts.port}"
@@ -122,18 +130,15 @@ def _split_userinfo(url: str) -> tuple[str, httpx.BasicAuth | None]:
 
 
 class _Server:
-    """One server: its HTTP client and health as seen from here."""
+    """One server: its connections and health as seen from here."""
 
     def __init__(self, url: str, *, token: str | None, timeout: float, pool: int):
         self.url, basic = _split_userinfo(url)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(
-            base_url=self.url, headers=headers, auth=None if token else basic,
-            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-            # Direct peers: an ambient HTTP(S) proxy must not intercept them.
-            trust_env=False,
-        )
+        auth = f"Bearer {token}" if token else basic
+        # Direct peers: no ambient HTTP(S) proxy is consulted (http.client never does).
+        self.http = HttpPool(self.url, headers={"Authorization": auth} if auth else None,
+                             timeout=timeout, connect_timeout=min(10.0, timeout),
+                             max_idle=pool)
         self.in_flight = 0
         self.down_until = 0.0
         self.failures = 0
@@ -203,6 +208,7 @@ class RemoteTarget:
             raise ValueError("retries must be >= 0 and timeout > 0")
         self.mode = mode
         self.device = torch.device(device)
+        self._pin = self.device.type == "cuda"
         self.dtype = dtype
         self.topk = topk
         self.retries = retries
@@ -266,10 +272,10 @@ class RemoteTarget:
         if srv.verified or info is None:
             srv.verified = True
             return
-        resp = srv.http.get("/v1/model_info")
+        resp = srv.http.request("GET", "/v1/model_info")
         if resp.status_code >= 400:
             if resp.status_code in _RETRY_STATUS:
-                raise httpx.TransportError(f"{srv.url} answered {resp.status_code}")
+                raise TransportError(f"{srv.url} answered {resp.status_code}")
             raise RemoteTargetError.from_response(resp)
         theirs = resp.json()
         keys = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
@@ -280,8 +286,9 @@ class RemoteTarget:
         srv.verified = True
 
     def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                 content: bytes | None = None) -> httpx.Response:
-        """One idempotent request, with failover and backoff."""
+                 content: bytes | None = None, bulk: bool = False) -> Reply:
+        """One idempotent request, with failover and backoff. ``bulk``: a 200 body is
+        read straight into a buffer from :meth:`_alloc` (``Reply.buffer``)."""
         if self._closed:
             raise RuntimeError("RemoteTarget is closed")
         attempt = 0
@@ -293,15 +300,15 @@ class RemoteTarget:
             try:
                 self._verify(srv)
                 headers = {"Content-Type": "application/octet-stream"} if content is not None else None
-                resp = srv.http.request(method, path, params=params, content=content,
-                                        headers=headers)
-            except httpx.TransportError as e:
+                resp = srv.http.request(method, path, params=params, body=content,
+                                        headers=headers, into=self._alloc if bulk else None)
+            except TransportError as e:
                 last = e
                 srv.mark_down()
             else:
                 self.stats["requests"] += 1
                 self.stats["bytes_sent"] += len(content or b"")
-                self.stats["bytes_received"] += len(resp.content)
+                self.stats["bytes_received"] += resp.nbytes
                 if resp.status_code < 400:
                     srv.mark_up()
                     self.stats[f"served_by:{srv.url}"] += 1
@@ -317,7 +324,7 @@ class RemoteTarget:
                     last = err
                     try:
                         self._register(srv, self._mapping)
-                    except httpx.TransportError as e:
+                    except TransportError as e:
                         last = e
                         srv.mark_down()
                 else:
@@ -339,18 +346,45 @@ class RemoteTarget:
             time.sleep(delay * (0.75 + 0.5 * random.random()))
             sleeps += 1
 
+    # ------------------------------------------------------------------ bulk bodies
+    def _alloc(self, n: int) -> torch.Tensor:
+        """The buffer a response body is read into: pinned when ``device`` is CUDA, so
+        the copies to the device run at full speed (torch caches pinned blocks, so
+        taking one per response is cheap after the first)."""
+        return torch.empty(n, dtype=torch.uint8, pin_memory=self._pin)
+
+    def _tensors(self, resp: Reply) -> dict[str, torch.Tensor]:
+        """The safetensors body of ``resp`` as tensors on ``device``. On the CPU they are
+        views into the body's buffer; on CUDA, pinned-to-device copies (waited for
+        here, so the tensors are ready on any stream when this returns)."""
+        buf = resp.buffer
+        if buf is None:  # no Content-Length (never from our server): one copy
+            buf = torch.frombuffer(bytearray(resp.body or b""), dtype=torch.uint8)
+        try:
+            tensors, _meta = decode_buffer(buf, what=f"the response of {resp.method} {resp.url}")
+        except SafetensorsFormatError as e:
+            raise RemoteTargetError(str(e), status=resp.status_code, error="bad_response",
+                                    detail=str(e), url=resp.url) from None
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) for k, v in tensors.items()}
+        out = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        done.synchronize()
+        return out
+
     # ------------------------------------------------------------------ metadata
     def get_input_embeddings(self) -> SimpleNamespace:
         """``.weight [V,H]`` on ``device`` (fetched once)."""
         if self._embeddings is None:
-            t = st_load(self._request("GET", "/v1/input_embeddings").content)
-            self._embeddings = SimpleNamespace(weight=t["weight"].to(self.device))
+            t = self._tensors(self._request("GET", "/v1/input_embeddings", bulk=True))
+            self._embeddings = SimpleNamespace(weight=t["weight"])
         return self._embeddings
 
     def lm_head(self) -> LMHead:
         """The target's LM head on ``device`` (fetched once from ``/v1/lm_head``)."""
         if self._head is None:
-            t = st_load(self._request("GET", "/v1/lm_head").content)
+            t = self._tensors(self._request("GET", "/v1/lm_head", bulk=True))
             softcap = t.get("logit_softcap")
             bias = t.get("bias")
             self._head = LMHead(
@@ -383,14 +417,14 @@ class RemoteTarget:
             for srv in self._servers:
                 try:
                     self._register(srv, mapping)
-                except httpx.TransportError:
+                except TransportError:
                     srv.mark_down()  # registered on first use after it comes back
 
     def _register(self, srv: _Server, mapping: VocabMapping) -> None:
         body = encode_safetensors({"selected_token_ids": mapping.selected_token_ids,
                                    "selected_token_mask": mapping.selected_token_mask})
-        resp = srv.http.post("/v1/vocab_mapping", content=body,
-                             headers={"Content-Type": "application/octet-stream"})
+        resp = srv.http.request("POST", "/v1/vocab_mapping", body=body,
+                                headers={"Content-Type": "application/octet-stream"})
         if resp.status_code >= 400:
             raise RemoteTargetError.from_response(resp)
         got = resp.json().get("mapping_id")
@@ -418,8 +452,9 @@ class RemoteTarget:
             "attention_mask": attention_mask.to("cpu", torch.bool),
             "loss_mask": loss_mask.to("cpu", torch.bool),
         })
-        resp = self._request("POST", "/v1/supervision", params=self._params(mode, k), content=body)
-        return st_load(resp.content)
+        resp = self._request("POST", "/v1/supervision", params=self._params(mode, k), content=body,
+                             bulk=True)
+        return self._tensors(resp)
 
     def _frame(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -35,7 +35,6 @@ import json
 import os
 import queue
 import signal
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from eagle3_target.contract import LMHead
+from eagle3_target.st_stream import byte_view, header_bytes
 
 __all__ = [
     "FORMAT", "LM_HEAD_FILE", "KILL_ENV", "ShardJob", "ShardWriter", "shard_layout", "pack_shard",
@@ -255,45 +255,21 @@ class ShardJob:
     expected_sha256: str | None = None  # a repair: the hash the manifest recorded
 
 
-# safetensors dtype codes, ranked as the library orders tensors in a file (larger first).
-_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
-    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.float16: ("F16", 2),
-    torch.bfloat16: ("BF16", 3), torch.int32: ("I32", 4), torch.float32: ("F32", 5),
-    torch.float64: ("F64", 6), torch.int64: ("I64", 7),
-}
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def safetensors_layout(parts: dict[str, list[torch.Tensor]],
                        metadata: dict[str, str] | None) -> tuple[bytes, list[torch.Tensor]]:
     """A safetensors file as ``(header bytes, tensor pieces in file order)``.
 
-    ``parts[name]`` lists pieces concatenated along dim 0 into tensor ``name``. The
-    bytes are what ``safetensors.torch.save`` writes for the concatenated tensors (a
-    test holds us to that): tensors ordered by alignment then name, the JSON header
-    compact and space-padded to 8 bytes.
-    """
-    order = sorted(parts, key=lambda n: (-_ST_DTYPES[parts[n][0].dtype][1], n))
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    pos = 0
-    pieces: list[torch.Tensor] = []
-    for name in order:
-        ps = parts[name]
+    ``parts[name]`` lists pieces concatenated along dim 0 into tensor ``name``; the
+    header followed by the pieces' bytes is what ``safetensors.torch.save`` writes for
+    the concatenated tensors (:mod:`eagle3_target.st_stream` builds the header)."""
+    entries = []
+    for name, ps in parts.items():
         dt = ps[0].dtype
         if any(p.dtype != dt or p.shape[1:] != ps[0].shape[1:] for p in ps):
             raise RuntimeError(f"field {name}: pieces disagree in dtype or width")
-        n = sum(p.numel() for p in ps) * ps[0].element_size()
-        shape = [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]
-        header[name] = {"dtype": _ST_DTYPES[dt][0], "shape": shape, "data_offsets": [pos, pos + n]}
-        pos += n
-        pieces += ps
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, pieces
+        entries.append((name, dt, [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]))
+    header, order = header_bytes(entries, metadata)
+    return header, [p for i in order for p in parts[entries[i][0]]]
 
 
 def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple[bytes, list[torch.Tensor]]:

@@ -104,6 +104,7 @@ def run_server(
     model_name: str = "",
     engine: str = "",
     log_level: str = "warning",
+    http: str = "auto",
 ) -> int:
     """Serves the target ``loader()`` builds until SIGTERM/SIGINT; returns the exit code.
 
@@ -163,7 +164,7 @@ def run_server(
 
     app = create_app(settings, worker, metrics, request_shutdown=request_shutdown)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=60, server_header=False)
+                            timeout_graceful_shutdown=60, server_header=False, http=http)
     server = uvicorn.Server(config)
     holder["server"] = server
     # uvicorn re-raises the signal it caught once it has shut down gracefully; with our
@@ -209,6 +210,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_name=model,
         engine=args.engine,
         log_level=args.log_level,
+        http=args.http,
     )
 
 
@@ -236,4 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="shut down when a NeMo client POSTs /disconnect (NeMo's own server does)")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="server log level")
+    p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
+                   help="uvicorn's HTTP/1.1 implementation (auto: httptools, the faster one, "
+                        "when installed)")
     p.set_defaults(func=_cmd_serve)

@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from eagle3_target.st_stream import byte_view, layout
+
 __all__ = [
     "PROTOCOL_VERSION",
     "MODES",
@@ -32,6 +34,7 @@ __all__ = [
     "check_inputs",
     "decode_safetensors",
     "encode_safetensors",
+    "safetensors_parts",
 ]
 
 PROTOCOL_VERSION = 1
@@ -250,3 +253,14 @@ def encode_safetensors(tensors: Mapping[str, torch.Tensor],
             seen.add(v.untyped_storage().data_ptr())
         flat[k] = v
     return st_save(flat, metadata=dict(metadata) if metadata else None)
+
+
+def safetensors_parts(tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[memoryview]]:
+    """The bytes of :func:`encode_safetensors` as ``(header, byte views of the tensors
+    in file order)``: the same safetensors body (metadata keys sorted), but without
+    serialising a copy -- contiguous CPU tensors (the engine's pinned results) are sent
+    from their own memory. Others are made contiguous on the CPU first."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header, order = layout(flat, metadata)
+    return header, [byte_view(t) for t in order if t.numel()]
