@@ -75,7 +75,8 @@ class Breakdown:
         self.acc: dict[str, float] = {}
         for mode, spec in list(d.MODES.items()):
             d.MODES[mode] = dataclasses.replace(spec, compute=self._wrap(spec.compute, "engine"))
-        d._real_tokens = self._wrap(d._real_tokens, "gather+copy to host")
+        d._real_tokens = self._wrap(d._real_tokens, "gather on device")
+        d._Rows.result = self._wrap(d._Rows.result, "wait for host copy")
         ShardWriter.put = self._wrap(ShardWriter.put, "wait for a writer")
         ShardWriter.close = self._wrap(ShardWriter.close, "drain writers")
         d._LMHeadWriter.join = self._wrap(d._LMHeadWriter.join, "wait for LM head")
@@ -93,7 +94,77 @@ class Breakdown:
         parts = [f"{k} {v:.2f} s" for k, v in self.acc.items()]
         rest = total - sum(self.acc.values())
         self.acc.clear()
-        return f"main thread over {total:.2f} s: " + ", ".join(parts) + f", other {rest:.2f} s"
+        host = ""
+        if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
+            st = torch.cuda.host_memory_stats()
+            host = (f"; pinned host memory peak {st.get('allocated_bytes.peak', 0) / 2**30:.1f} GiB, "
+                    f"{st.get('num_host_alloc', 0)} cudaHostAlloc calls "
+                    f"({st.get('host_alloc_time.total', 0) / 1e6:.2f} s in total)")
+        return f"main thread over {total:.2f} s: " + ", ".join(parts) + f", other {rest:.2f} s" + host
+
+
+def set_variant(name: str) -> None:
+    """Ablations of the dump's pipeline (``--variants``), for finding what costs engine
+    time on a given host; ``base`` is the shipped code."""
+    import eagle3_target.dump as d
+    import eagle3_target.shards as sh
+
+    orig = set_variant.__dict__.setdefault("orig", {
+        "parallel": sh.stream_to_file.__defaults__, "submit": d._HostCopier.submit,
+        "read_ahead": d.read_ahead})
+    sh.stream_to_file.__defaults__ = orig["parallel"]
+    d._HostCopier.submit = orig["submit"]
+    d.read_ahead = orig["read_ahead"]
+    sys.setswitchinterval(0.005)
+    for part in name.split("+"):
+        if part == "inline-hash":
+            sh.stream_to_file.__defaults__ = (1 << 62,)
+        elif part == "sync-copy":
+            def submit(self, flat):
+                from concurrent.futures import Future
+                from eagle3_target.shards import host_copy
+                f = Future()
+                f.set_result({k: host_copy(v) for k, v in flat.items()})
+                return f
+            d._HostCopier.submit = submit
+        elif part == "no-read-ahead":
+            d.read_ahead = lambda items, depth: items
+        elif part.startswith("switch-"):  # e.g. switch-0.5ms: the GIL's switch interval
+            sys.setswitchinterval(float(part[len("switch-"):-2]) / 1000)
+        elif part != "base":
+            raise SystemExit(f"unknown variant {part}")
+
+
+def check_dump(out: Path, target, batches: list[list[Sample]], mode: str, mapping, pad_id: int) -> str:
+    """The dump's first and last batch against the target run on those batches directly:
+    every stored field of every sample, compared exactly (same batch, same kernels)."""
+    from eagle3_target.reader import Eagle3Dataset
+
+    ds = Eagle3Dataset(out)
+    spec = MODES[mode]
+    worst, n = 0.0, 0
+    starts = [0]
+    for b in batches:
+        starts.append(starts[-1] + len(b))
+    for j in sorted({0, len(batches) - 1}):
+        batch = batches[j]
+        lengths = [len(s) for s in batch]
+        ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.int64)
+        attn, lm = torch.zeros_like(ids), torch.zeros_like(ids)
+        for r, s in enumerate(batch):
+            ids[r, : len(s)] = torch.tensor(s.input_ids)
+            attn[r, : len(s)] = 1
+            lm[r, : len(s)] = torch.tensor(s.loss_mask)
+        ref = {k: v.cpu() for k, v in spec.compute(target, ids, attn, lm, lengths, mapping).items()}
+        for r, s in enumerate(batch):
+            got = ds.raw(starts[j] + r)
+            if got["input_ids"].tolist() != s.input_ids:
+                raise RuntimeError(f"sample {starts[j] + r}: stored input_ids differ from the data")
+            for k, v in ref.items():
+                want = v[r, : len(s)].reshape(got[k].shape)
+                worst = max(worst, (got[k].float() - want.float()).abs().max().item())
+            n += 1
+    return f"{n} samples of batches 0 and {len(batches) - 1} checked: max |stored - direct| = {worst:g}"
 
 
 def synthetic_write(out: Path, mode: str, h: int, v: int, vd: int, dtype: torch.dtype, total_mb: int,
@@ -138,6 +209,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--writer-threads", type=int, default=None, help="default: the dump's (half the cores, 2-8)")
     p.add_argument("--prefetch", type=int, default=0)
+    p.add_argument("--variants", default="base",
+                   help="comma-separated pipeline ablations: base, inline-hash, sync-copy, "
+                        "no-read-ahead, or several joined with +")
+    p.add_argument("--check", action="store_true",
+                   help="compare the first run's first and last batch with the target run directly")
     p.add_argument("--breakdown", action="store_true", help="print where the dump's main thread spent its time")
     p.add_argument("--workdir", default=None, help="where shards are written (default: a temp folder)")
     p.add_argument("--synthetic-mb", type=int, default=1024, help="MB per mode for table 2 (0: skip)")
@@ -175,7 +251,10 @@ def main() -> None:
         engine_only(target, batches[:1], "logits", mapping, pad, dev)  # warm-up
         logits_bpt = None
         rows = []
-        for mode in modes:
+        runs = [(m, v) for m in modes for v in args.variants.split(",")]
+        for mode, variant in runs:
+            set_variant(variant)
+            label = mode if variant == "base" else f"{mode} ({variant})"
             e_times, d_times = [], []
             summary = None
             for r in range(args.repeat):
@@ -193,8 +272,11 @@ def main() -> None:
                 sync(dev)
                 d_times.append(time.perf_counter() - t0)
                 if breakdown is not None:
-                    print(f"  {mode} run {r}: engine alone {e_times[-1]:.2f} s; "
+                    print(f"  {label} run {r}: engine alone {e_times[-1]:.2f} s; "
                           + breakdown.report(d_times[-1]), file=sys.stderr, flush=True)
+                if r == 0 and args.check:
+                    print(f"  {mode}: {check_dump(out, target, batches, mode, mapping, pad)}",
+                          file=sys.stderr, flush=True)
                 shutil.rmtree(out)
             # Engine and dump alternate within a repeat, so their ratio is taken per pair
             # (robust to load that changes between repeats), then the median.
@@ -203,7 +285,7 @@ def main() -> None:
             bpt = summary.bytes / summary.tokens
             logits_bpt = summary.logits_bytes_per_token
             rows.append((mode, bpt))
-            print(f"| {mode} | {summary.samples / d:,.1f} | {summary.tokens / d:,.0f} | "
+            print(f"| {label} | {summary.samples / d:,.1f} | {summary.tokens / d:,.0f} | "
                   f"{summary.bytes / d / 1e6:,.1f} | {tokens / e:,.0f} | {ratio:.2f} | {bpt:,.0f} | "
                   f"{bpt / logits_bpt:.3f} |", flush=True)
         target.close()

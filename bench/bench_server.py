@@ -91,7 +91,7 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
                                                   device=args.client_device,
                                                   dtype=args.wire_dtype, topk=args.topk,
                                                   timeout=600,
-                                                  max_in_flight=max(2, args.prefetch))
+                                                  max_in_flight=max(2, *args.prefetch))
                 if mode == "draft" or (mode == "hidden" and args.hidden_form == "draft"):
                     rt.set_vocab_mapping(torch.tensor(mapping_ids))
             call = rt.generate_topk if mode == "topk" else rt.generate_batch
@@ -102,8 +102,9 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
             if commands.get() != "go":
                 raise RuntimeError("protocol error: expected go")
             before = rt.stats["bytes_received"]
-            if args.prefetch:
-                for out in rt.prefetch(batches, depth=args.prefetch):
+            depth = cmd[2]
+            if depth:
+                for out in rt.prefetch(batches, depth=depth):
                     del out
             else:
                 for b in batches:
@@ -144,10 +145,10 @@ class ClientPool:
             out.append(value)
         return out
 
-    def run(self, mode: str, clients: int) -> tuple[float, float]:
+    def run(self, mode: str, clients: int, prefetch: int) -> tuple[float, float]:
         """(delivered tokens/s over ``clients`` concurrent clients, response bytes/token)."""
         for q in self.commands[:clients]:
-            q.put(("prepare", mode))
+            q.put(("prepare", mode, prefetch))
         self._collect(clients, "ready")
         t0 = time.perf_counter()
         for q in self.commands[:clients]:
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-form", default="logits", choices=["logits", "draft"],
                    help="what hidden mode rebuilds on the client")
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--prefetch", type=int, default=0,
-                   help="each client keeps this many requests in flight with "
+    p.add_argument("--prefetch", default="0",
+                   help="comma-separated: each client keeps this many requests in flight with "
                         "RemoteTarget.prefetch (0: one call after another)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="draft vocabulary size (default: 32000, or V/8 for small vocabularies)")
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     args.client_device = args.client_device or args.device
+    args.prefetch = [int(x) for x in str(args.prefetch).split(",")]
 
     from eagle3_target import Eagle3TargetModel, VocabMapping
     from eagle3_target.cli import _quiet_transformers, parse_engine_args, resolve_model
@@ -252,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeat):
                 if interleave:
                     base[m].append(inprocess_tps(target, m, mapping, args))
-                for c in clients:
-                    served.setdefault((m, c), []).append(pool.run(m, c))
-                    progress(f"server {m}, {c} client(s): {served[(m, c)][-1][0]:,.0f} tokens/s")
+                for pf in args.prefetch:
+                    for c in clients:
+                        served.setdefault((m, c, pf), []).append(pool.run(m, c, pf))
+                        progress(f"server {m}, {c} client(s), prefetch {pf}: "
+                                 f"{served[(m, c, pf)][-1][0]:,.0f} tokens/s")
     finally:
         if pool is not None:
             pool.close()
@@ -263,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         if interleave:
             target.close()
     rows: list[dict[str, Any]] = []
-    for (m, c), runs in served.items():
+    for (m, c, pf), runs in served.items():
         tps = statistics.median(r[0] for r in runs)
         ref = statistics.median(base[m])
-        rows.append({"mode": m, "clients": c, "server_tokens_per_s": tps,
+        rows.append({"mode": m, "clients": c, "prefetch": pf, "server_tokens_per_s": tps,
                      "inprocess_tokens_per_s": ref, "ratio": tps / ref,
                      "bytes_per_token": runs[0][1], "repeats": len(runs)})
 
@@ -274,21 +278,20 @@ def main(argv: list[str] | None = None) -> int:
            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"model {model} | engine {args.engine} | device {args.device} ({dev}) | "
           f"wire dtype {args.wire_dtype} | {args.batch} x {args.seq_len} per request, "
-          f"{args.runs} runs per client, prefetch {args.prefetch}, "
+          f"{args.runs} runs per client, "
           f"median of {args.repeat} repeats")
     logits_bpt = {r["clients"]: r["bytes_per_token"] for r in rows if r["mode"] == "logits"}
-    print("| mode | clients | server tokens/s | in-process tokens/s | ratio | bytes/token | "
+    print("| mode | clients | prefetch | server tokens/s | in-process tokens/s | ratio | bytes/token | "
           "bytes vs logits |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         vs = (f"1/{logits_bpt[r['clients']] / r['bytes_per_token']:.1f}"
               if r["clients"] in logits_bpt and r["mode"] != "logits" else "1")
-        print(f"| {r['mode']} | {r['clients']} | {r['server_tokens_per_s']:,.0f} | "
+        print(f"| {r['mode']} | {r['clients']} | {r['prefetch']} | {r['server_tokens_per_s']:,.0f} | "
               f"{r['inprocess_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | "
               f"{r['bytes_per_token']:,.0f} | {vs} |")
     if args.json:
         for r in rows:
-            r["prefetch"] = args.prefetch
             print(json.dumps(r))
     return 0
 

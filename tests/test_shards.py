@@ -46,12 +46,13 @@ def test_packed_shard_is_byte_identical_to_safetensors_save():
         assert torch.equal(back[k], whole[k]), k
 
 
-def test_streamed_file_hash_and_size(tmp_path):
+@pytest.mark.parametrize("parallel_from", [0, 1 << 40])  # sha256 on a second thread, or in line
+def test_streamed_file_hash_and_size(tmp_path, parallel_from):
     import hashlib
 
     parts = {"a": [torch.arange(5), torch.arange(3)], "b": [torch.ones(2, 2, dtype=torch.float16)]}
     header, pieces = safetensors_layout(parts, None)
-    sha, size = stream_to_file(tmp_path / "x.safetensors", header, pieces)
+    sha, size = stream_to_file(tmp_path / "x.safetensors", header, pieces, parallel_from=parallel_from)
     data = (tmp_path / "x.safetensors").read_bytes()
     assert data == save({"a": torch.cat(parts["a"]), "b": parts["b"][0]})
     assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))

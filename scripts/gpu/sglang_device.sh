@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmark on a device-tool machine.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large diag-io
+#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large bench-transport diag-io check-client
 #
 # GPU_DIR (carried, git-ignored) holds bundle/ (../shared/gpu/build-sglang-bundle.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -53,8 +53,8 @@ for stage in "$@"; do
       # Server vs in-process on the 8B shape; triton attention (its JIT cache is carried).
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 500 python3 "$G/code/bench/bench_server.py" --model /tmp/llama8b --engine sglang \
-        --device cuda --dtype bfloat16 --batch 4 --seq-len 2048 --clients 1,2 --runs 4 --repeat 1 \
-        --modes hidden,logits --engine-arg attention_backend=triton \
+        --device cuda --dtype bfloat16 --batch 4 --seq-len 2048 --clients 1,2 --runs 12 --repeat 2 \
+        --modes hidden --prefetch 0,2 --engine-arg attention_backend=triton \
         | tee "$OUT/bench_server.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-dump)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
@@ -68,19 +68,27 @@ for stage in "$@"; do
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/bench_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-dump-large)
-      # Hidden mode on 10x the sample chats (~385k tokens), so the dump's fixed costs
+      # Hidden mode on DUMP_COPIES (10) x the sample chats (~385k tokens), so the dump's fixed costs
       # (writing the 1 GB LM head once, start-up) weigh as little as in a real dump.
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
       cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/
       chats=$G/code/src/eagle3_target/data/sample_chats.jsonl
-      for i in $(seq 10); do cat "$chats"; done > /tmp/chats-x10.jsonl
-      step 480 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
-        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 2048 --batch-tokens 16384 \
-        --modes hidden --data /tmp/chats-x10.jsonl --shard-size-mb 256 --breakdown \
+      for i in $(seq ${DUMP_COPIES:-10}); do cat "$chats"; done > /tmp/chats-large.jsonl
+      step 560 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
+        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb ${SYNTHETIC_MB:-2048} --batch-tokens 16384 \
+        --modes hidden --data /tmp/chats-large.jsonl --shard-size-mb 256 --breakdown --check --variants ${VARIANTS:-base} \
         --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/bench_dump_large.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    check-client)
+      # The client's CUDA path (pinned reads, non-blocking device copies) vs in process.
+      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+      step 240 python3 "$S/check_client_cuda.py" /tmp/tiny-peaked | tee "$OUT/check_client.txt"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    bench-transport)
+      # One 268 MB answer over loopback: the old and new send and read paths.
+      step 300 python3 "$G/code/bench/bench_transport.py" | tee "$OUT/bench_transport.txt" ;;
     diag-io)
       # The I/O ceilings of this host: disk, sha256, memcpy, device-to-host, loopback HTTP.
       step 300 python3 "$S/diag_io.py" --dir /tmp --mb 4096 --http-mb 256 | tee "$OUT/diag_io.txt" ;;

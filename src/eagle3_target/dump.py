@@ -34,6 +34,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -65,7 +66,6 @@ from eagle3_target.shards import (
     model_fingerprint,
     read_header_meta,
     read_manifest,
-    host_copy,
     save_lm_head,
     sha256_file,
     tokenizer_fingerprint,
@@ -230,21 +230,60 @@ def _compute_draft(source: TargetSource, ids, attn, lmask, lengths, mapping) -> 
 
 
 def _real_tokens(out: dict[str, torch.Tensor], lengths: Sequence[int]) -> dict[str, torch.Tensor]:
-    """``[B,S,...]`` padded outputs -> ``[T,...]`` host tensors of the real tokens, rows
-    back to back (``T = sum(lengths)``); samples become views into them until their
-    shard is written.
-
-    The gather runs where the outputs are, so a GPU sends only real tokens (batches
-    were ~half padding on the sample chats), and lands in pinned memory
-    (:func:`host_copy`: ~54 GB/s on an H100 host against ~1.5 GB/s pageable, the copy
-    that held the dump to a third of the engine)."""
+    """``[B,S,...]`` padded outputs -> ``[T,...]`` tensors of the real tokens, rows back
+    to back (``T = sum(lengths)``), on the outputs' device: a GPU then sends only real
+    tokens to the host (batches were ~half padding on the sample chats)."""
     some = next(iter(out.values()))
     b, s_max = some.shape[:2]
-    pos = torch.arange(s_max, device=some.device)
-    keep = (pos[None, :] < torch.tensor(lengths, device=some.device)[:, None]).reshape(-1)
-    idx = keep.nonzero().squeeze(1)
-    return {k: host_copy(v.detach().reshape(b * s_max, *v.shape[2:]).index_select(0, idx))
-            for k, v in out.items()}
+    keep = torch.zeros(b, s_max, dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        keep[r, :n] = True
+    idx = keep.reshape(-1).nonzero().squeeze(1).to(some.device, non_blocking=True)
+    return {k: v.detach().reshape(b * s_max, *v.shape[2:]).index_select(0, idx) for k, v in out.items()}
+
+
+class _HostCopier:
+    """Copies a batch's outputs to host memory on a thread and CUDA stream of its own.
+
+    On the H100 host a pageable device-to-host copy ran at ~1.5 GB/s, which held the
+    dump to a third of the engine; a pinned one runs at ~54 GB/s, but pinning fresh
+    memory costs ~0.35 s/GB the first time (torch caches the blocks afterwards). Both
+    happen here, off the thread that drives the engine, so the next forward starts at
+    once. CPU outputs need no copy and come back as they are."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._streams: dict[torch.device, Any] = {}
+
+    def submit(self, flat: dict[str, torch.Tensor]) -> Future:
+        some = next(iter(flat.values()))
+        if not some.is_cuda:
+            done: Future = Future()
+            done.set_result(flat)
+            return done
+        ready = torch.cuda.Event()
+        ready.record()  # the outputs are complete once the engine's stream gets here
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-d2h")
+        return self._pool.submit(self._copy, flat, ready, some.device)
+
+    def _copy(self, flat: dict[str, torch.Tensor], ready: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        with torch.cuda.device(device):
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device)
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                host = {}
+                for k, v in flat.items():
+                    host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                    host[k].copy_(v, non_blocking=True)
+            stream.synchronize()  # ``flat`` (device memory) is kept alive until here
+        return host
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True)
@@ -331,6 +370,25 @@ class _Batch:
     lmask: torch.Tensor | None  # [B,S] int64
     skipped: list[Skipped]
     rows_read: int
+
+
+class _Rows:
+    """A launched batch: ``result()`` waits for its host copy and splits it per sample."""
+
+    def __init__(self, b: _Batch, lengths: list[int], copied: Any):
+        self.b, self.lengths, self.copied = b, lengths, copied
+
+    def result(self) -> list[dict[str, torch.Tensor]]:
+        flat = self.copied.result()
+        rows = []
+        start = 0
+        for r, n in enumerate(self.lengths):
+            row = {k: v[start:start + n] for k, v in flat.items()}
+            row["input_ids"] = self.b.ids[r, :n]
+            row["loss_mask"] = self.b.lmask[r, :n].to(torch.uint8)
+            rows.append(row)
+            start += n
+        return rows
 
 
 def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
@@ -432,6 +490,7 @@ class _Dumper:
         self.manifest: dict[str, Any] = {}
         self.lock = threading.Lock()
         self.run_samples = self.run_tokens = self.run_bytes = 0
+        self.copier = _HostCopier()
 
     # -- manifest -------------------------------------------------------------------
     def save_manifest(self) -> None:
@@ -483,31 +542,35 @@ class _Dumper:
             lmask[r, : len(s)] = torch.tensor(s.loss_mask, dtype=torch.int64)
         return ids, attn, lmask
 
-    def _run_batch(self, b: _Batch) -> list[dict[str, torch.Tensor]]:
+    def _launch(self, b: _Batch) -> _Rows:
+        """Runs the target on one batch and starts copying its real tokens to the host;
+        the future gives one dict per sample (views into the batch's host tensors until
+        their shard is written)."""
         lengths = [len(s) for s in b.samples]
         out = self.spec.compute(self.source, b.ids, b.attn, b.lmask, lengths, self.mapping)
         aux = out["aux_hidden_states"]
         if dtype_name(aux.dtype) != self.config["dtype"] or aux.shape[-1] != 3 * self.config["hidden_size"]:
             raise RuntimeError(f"the target returned aux_hidden_states {tuple(aux.shape)} {aux.dtype}, "
                                f"expected [..., {3 * self.config['hidden_size']}] {self.config['dtype']}")
-        flat = _real_tokens(out, lengths)
-        rows = []
-        start = 0
-        for r, n in enumerate(lengths):
-            row = {k: v[start:start + n] for k, v in flat.items()}
-            row["input_ids"] = b.ids[r, :n]
-            row["loss_mask"] = b.lmask[r, :n].to(torch.uint8)
-            rows.append(row)
-            start += n
-        return rows
+        return _Rows(b, lengths, self.copier.submit(_real_tokens(out, lengths)))
+
+    def _run_batch(self, b: _Batch) -> list[dict[str, torch.Tensor]]:
+        return self._launch(b).result()
 
     def _computed(self, batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, list[dict] | None]]:
         """``(batch, rows)`` in batch order, with up to ``prefetch`` batches computed ahead
         on worker threads; the last item's rows are None."""
         depth = self.cfg.prefetch
         if not depth:
+            # The engine runs batch N+1 while batch N is copied to the host.
+            last: tuple[_Batch, Any] | None = None
             for b in batches:
-                yield b, (self._run_batch(b) if b.samples is not None else None)
+                launched = self._launch(b) if b.samples is not None else None
+                if last is not None:
+                    yield last[0], last[1].result() if last[1] is not None else None
+                last = (b, launched)
+            if last is not None:
+                yield last[0], last[1].result() if last[1] is not None else None
             return
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
@@ -818,6 +881,7 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
             if head is not None:
                 head.join()
     finally:
+        d.copier.close()
         if d.writer.error is None:
             d.writer.close()
         if head is not None:

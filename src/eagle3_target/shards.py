@@ -289,21 +289,42 @@ def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple
     return safetensors_layout(parts, header_meta(meta))
 
 
-def stream_to_file(path: Path, header: bytes, pieces: Sequence[torch.Tensor]) -> tuple[str, int]:
-    """Writes ``header`` then ``pieces`` to ``path`` (fsynced), hashing as it goes:
-    ``(sha256 hex, bytes)``. hashlib and file writes release the GIL, so several of
-    these run in parallel with the target."""
+def stream_to_file(path: Path, header: bytes, pieces: Sequence[torch.Tensor],
+                   parallel_from: int = 32 << 20) -> tuple[str, int]:
+    """Writes ``header`` then ``pieces`` to ``path`` (fsynced) and returns ``(sha256 hex,
+    bytes)``. From ``parallel_from`` bytes on, sha256 runs on a second thread over the
+    same memory while this one writes (both release the GIL): a shard then takes the
+    longer of the two, not their sum -- sha256 runs at ~1.2 GB/s a thread on the H100
+    host, about as fast as its disk."""
+    views = [byte_view(p) for p in pieces]
+    size = len(header) + sum(v.nbytes for v in views)
     h = hashlib.sha256(header)
-    size = len(header)
-    with open(path, "wb") as f:
-        f.write(header)
-        for p in pieces:
-            mv = byte_view(p)
-            h.update(mv)
-            f.write(mv)
-            size += mv.nbytes
-        f.flush()
-        os.fsync(f.fileno())
+    failed: list[BaseException] = []
+
+    def digest() -> None:
+        try:
+            for v in views:
+                h.update(v)
+        except BaseException as e:  # re-raised below
+            failed.append(e)
+
+    hasher = threading.Thread(target=digest, name="eagle3-sha256") if size >= parallel_from else None
+    if hasher is not None:
+        hasher.start()
+    else:
+        digest()
+    try:
+        with open(path, "wb") as f:
+            f.write(header)
+            for v in views:
+                f.write(v)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if hasher is not None:
+            hasher.join()
+    if failed:
+        raise failed[0]
     return h.hexdigest(), size
 
 
