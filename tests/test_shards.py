@@ -96,3 +96,40 @@ def test_writer_threads_default_to_half_the_cores(tmp_path, monkeypatch):
     assert DumpConfig(out=str(tmp_path), writer_threads=3).writer_threads == 3
     with pytest.raises(ValueError, match="writer_threads"):
         DumpConfig(out=str(tmp_path), writer_threads=0)
+
+
+def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_with_the_consumer():
+    import threading
+    import time
+
+    from eagle3_target.dump import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("row 7: bad json")
+
+    it = read_ahead(failing(), depth=2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="row 7"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = set(threading.enumerate())
+    it = read_ahead(endless(), depth=3)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()  # a consumer that stops early (the repair path takes one shard)
+    time.sleep(0.3)
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n <= 5 + 3 + 2  # the producer stopped, a bounded way ahead
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "eagle3-read-ahead"]
