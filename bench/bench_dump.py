@@ -116,6 +116,7 @@ def set_variant(name: str) -> None:
     d._HostCopier.submit = orig["submit"]
     d.read_ahead = orig["read_ahead"]
     sys.setswitchinterval(0.005)
+    set_variant.render_workers = None
     for part in name.split("+"):
         if part == "inline-hash":
             sh.stream_to_file.__defaults__ = (1 << 62,)
@@ -131,6 +132,8 @@ def set_variant(name: str) -> None:
             d.read_ahead = lambda items, depth: items
         elif part.startswith("switch-"):  # e.g. switch-0.5ms: the GIL's switch interval
             sys.setswitchinterval(float(part[len("switch-"):-2]) / 1000)
+        elif part.startswith("render-"):  # e.g. render-4: chats rendered by 4 processes
+            set_variant.render_workers = int(part[len("render-"):])
         elif part != "base":
             raise SystemExit(f"unknown variant {part}")
 
@@ -209,9 +212,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--writer-threads", type=int, default=None, help="default: the dump's (half the cores, 2-8)")
     p.add_argument("--prefetch", type=int, default=0)
+    p.add_argument("--render-workers", type=int, default=0, help="DumpConfig.render_workers")
     p.add_argument("--variants", default="base",
                    help="comma-separated pipeline ablations: base, inline-hash, sync-copy, "
-                        "no-read-ahead, or several joined with +")
+                        "no-read-ahead, switch-<ms>ms, render-<n>, or several joined with +")
     p.add_argument("--check", action="store_true",
                    help="compare the first run's first and last batch with the target run directly")
     p.add_argument("--breakdown", action="store_true", help="print where the dump's main thread spent its time")
@@ -264,7 +268,9 @@ def main() -> None:
                                  aux_layer_ids=parse_aux_layers(args.aux_layers),
                                  vocab=str(vocab_path) if mode == "draft" else None,
                                  batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
-                                 writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False)
+                                 writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False,
+                                 render_workers=(set_variant.render_workers if set_variant.render_workers
+                                                 is not None else args.render_workers))
                 if breakdown is not None:
                     breakdown.acc.clear()
                 t0 = time.perf_counter()

@@ -138,6 +138,12 @@ class DumpConfig:
     """Shards written (and hashed) in parallel; commits stay in order. None: half the
     CPU cores, 2 to 8 (sha256 runs ~1.2 GB/s a thread, and a GPU engine produces
     hidden-mode supervision at more than 1 GB/s)."""
+    render_workers: int = 0
+    """Processes that render and tokenise the chats (0: a thread of this process). They
+    load the tokenizer from ``tokenizer``/``model``; output and order do not depend on
+    it. Worth it when rendering is slow (templates without ``{% generation %}`` render
+    once per assistant turn) or the engine is Python-heavy (SGLang), at the price of a
+    few seconds of process start-up."""
     prefetch: int | None = None
     """Batches computed ahead on worker threads (None: 2 with ``server``, whose client is
     built for concurrent requests; 0 in process). In process, use at most 1 (one forward
@@ -153,6 +159,9 @@ class DumpConfig:
             raise ValueError(f"mode {self.mode!r} needs --vocab mapping.safetensors (see `eagle3-target vocab`)")
         if self.writer_threads is None:
             self.writer_threads = min(8, max(2, (os.cpu_count() or 2) // 2))
+        if isinstance(self.render_workers, bool) or not isinstance(self.render_workers, int) \
+                or self.render_workers < 0:
+            raise ValueError(f"render_workers must be a non-negative integer, got {self.render_workers!r}")
         for name in ("batch_tokens", "num_shards", "writer_threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -512,8 +521,20 @@ class _Dumper:
         skipped: list[Skipped] = []
         read = [0]
 
+        cfg = self.cfg
+        if cfg.render_workers:
+            from eagle3_target.data.render import RenderSpec, iter_samples_parallel
+
+            spec = RenderSpec(paths=[str(p) for p in cfg.data], tokenizer_dir=_tokenizer_dir(cfg),
+                              max_length=self.encoder.max_length, mask_reasoning=self.encoder.mask_reasoning,
+                              vocab_size=self.encoder.vocab_size, start=start_row,
+                              num_shards=cfg.num_shards, shard_index=cfg.shard_index)
+            items: Iterator[Sample | Skipped] = iter_samples_parallel(spec, cfg.render_workers)
+        else:
+            items = iter_samples(cfg.data, self.encoder, start=start_row, keep=cfg.owns)
+
         def samples() -> Iterator[Sample]:
-            for item in iter_samples(self.cfg.data, self.encoder, start=start_row, keep=self.cfg.owns):
+            for item in items:
                 read[0] += 1
                 if isinstance(item, Skipped):
                     skipped.append(item)
@@ -995,7 +1016,8 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         max_length=args.max_length or None, mask_reasoning=args.mask_reasoning,
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,
-        writer_threads=args.writer_threads, prefetch=args.prefetch, progress=args.progress)
+        writer_threads=args.writer_threads, prefetch=args.prefetch, progress=args.progress,
+        render_workers=args.render_workers)
     try:
         summary = run_dump(cfg)
     except (OSError, RuntimeError) as e:  # a full disk, a lost server: what is done stays done
@@ -1035,6 +1057,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on a rerun, check finished shards by size only (no re-hash)")
     p.add_argument("--writer-threads", type=int, default=None,
                    help="shards written and hashed in parallel, commits in order (default: half the cores, 2-8)")
+    p.add_argument("--render-workers", type=int, default=0,
+                   help="processes that render and tokenise the chats (default 0: a thread)")
     p.add_argument("--prefetch", type=int, default=None,
                    help="batches computed ahead on worker threads (default: 2 with --server, else 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
