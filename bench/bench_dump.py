@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from eagle3_target.cli import add_model_args, load_target, parse_aux_layers, resolve_model
-from eagle3_target.data.chat import ChatEncoder, Sample, iter_samples, load_tokenizer, sample_data_path
-from eagle3_target.dump import MODES, DumpConfig, greedy_batches, run_dump
+from eagle3_target.data.chat import (
+    ChatEncoder, Sample, iter_samples, iter_supervised_ids, load_tokenizer, sample_data_path,
+)
+from eagle3_target.dump import MODES, DumpConfig, greedy_batches, pack_batch, run_dump
 from eagle3_target.shards import ShardJob, ShardWriter
 from eagle3_target.vocab import build_vocab_mapping
 
@@ -48,15 +50,7 @@ def engine_only(target, batches: list[list[Sample]], mode: str, mapping, pad_id:
     spec = MODES[mode]
     t0 = time.perf_counter()
     for batch in batches:
-        lengths = [len(s) for s in batch]
-        ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.int64)
-        attn = torch.zeros_like(ids)
-        lm = torch.zeros_like(ids)
-        for r, s in enumerate(batch):
-            ids[r, : len(s)] = torch.tensor(s.input_ids)
-            attn[r, : len(s)] = 1
-            lm[r, : len(s)] = torch.tensor(s.loss_mask)
-        spec.compute(target, ids, attn, lm, lengths, mapping)
+        spec.compute(target, *pack_batch(batch, pad_id), [len(s) for s in batch], mapping)
     sync(device)
     return time.perf_counter() - t0
 
@@ -151,14 +145,8 @@ def check_dump(out: Path, target, batches: list[list[Sample]], mode: str, mappin
         starts.append(starts[-1] + len(b))
     for j in sorted({0, len(batches) - 1}):
         batch = batches[j]
-        lengths = [len(s) for s in batch]
-        ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.int64)
-        attn, lm = torch.zeros_like(ids), torch.zeros_like(ids)
-        for r, s in enumerate(batch):
-            ids[r, : len(s)] = torch.tensor(s.input_ids)
-            attn[r, : len(s)] = 1
-            lm[r, : len(s)] = torch.tensor(s.loss_mask)
-        ref = {k: v.cpu() for k, v in spec.compute(target, ids, attn, lm, lengths, mapping).items()}
+        res = spec.compute(target, *pack_batch(batch, pad_id), [len(s) for s in batch], mapping)
+        ref = {k: v.cpu() for k, v in res.items()}
         for r, s in enumerate(batch):
             got = ds.raw(starts[j] + r)
             if got["input_ids"].tolist() != s.input_ids:
@@ -237,7 +225,7 @@ def main() -> None:
         tokens = sum(len(s) for s in samples)
         batches = list(greedy_batches(samples, args.batch_tokens))
         padded = sum(len(b) * max(len(s) for s in b) for b in batches)
-        supervised = [[t for t, m in zip(s.input_ids[1:], s.loss_mask[1:]) if m] for s in samples]
+        supervised = list(iter_supervised_ids(samples))
         vd = min(args.draft_vocab_size, target.vocab_size)
         mapping = build_vocab_mapping(supervised, vd, tok.all_special_ids, target_vocab_size=target.vocab_size)
         vocab_path = work / "vocab.safetensors"

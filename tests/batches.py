@@ -1,4 +1,5 @@
-"""Inputs shared by several test modules: padded id batches and sample-chat files."""
+"""Inputs shared by several test modules: padded id batches, sample-chat files and a
+draft vocabulary built from them."""
 
 from __future__ import annotations
 
@@ -22,4 +23,18 @@ def first_sample_chats(folder: Path, n: int) -> Path:
 
     p = folder / "chats.jsonl"
     p.write_text("\n".join(sample_data_path().read_text().splitlines()[:n]) + "\n")
+    return p
+
+
+def draft_vocab_file(folder: Path, tok, data_file: Path, target_vocab_size: int, specials: list[int],
+                     size: int = 200) -> Path:
+    """A draft vocabulary of ``size`` tokens chosen from the supervised tokens of
+    ``data_file``, saved as ``folder/vocab.safetensors``."""
+    from eagle3_target.data.chat import ChatEncoder, iter_samples, iter_supervised_ids
+    from eagle3_target.vocab import build_vocab_mapping
+
+    samples = [s for s in iter_samples([data_file], ChatEncoder(tok)) if hasattr(s, "input_ids")]
+    p = folder / "vocab.safetensors"
+    build_vocab_mapping(list(iter_supervised_ids(samples)), size, specials,
+                        target_vocab_size=target_vocab_size).save(p)
     return p

@@ -11,12 +11,12 @@ import torch
 
 from eagle3_target.cli import main as cli_main
 from eagle3_target.data.chat import ChatEncoder, iter_samples
-from batches import first_sample_chats
+from batches import draft_vocab_file, first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
 from eagle3_target.shards import read_manifest
 from eagle3_target.verify import verify_dump
 from eagle3_target.reader import Eagle3Dataset, collate_eagle3, rebuild_supervision
-from eagle3_target.vocab import build_vocab_mapping, compute_target_distribution
+from eagle3_target.vocab import compute_target_distribution
 
 N_ROWS = 36
 
@@ -28,12 +28,8 @@ def data_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mapping_file(tmp_path_factory, tiny_target, tok, data_file) -> Path:
-    samples = [s for s in iter_samples([data_file], ChatEncoder(tok))]
-    ids = [[t for t, m in zip(s.input_ids, s.loss_mask) if m] for s in samples]
-    m = build_vocab_mapping(ids, 200, [tok.eos_token_id, tok.pad_token_id], target_vocab_size=tiny_target.vocab_size)
-    p = tmp_path_factory.mktemp("vocab") / "vocab.safetensors"
-    m.save(p)
-    return p
+    return draft_vocab_file(tmp_path_factory.mktemp("vocab"), tok, data_file, tiny_target.vocab_size,
+                            [tok.eos_token_id, tok.pad_token_id])
 
 
 def dump(out, target, tok, data, **kw):
@@ -372,8 +368,8 @@ def test_render_workers_give_the_same_dataset(tmp_path, tiny_target, tok, data_f
     from eagle3_target.data.render import RenderSpec, iter_samples_parallel
 
     ref = dump(tmp_path / "thread", tiny_target, tok, [data_file], batch_tokens=512, shard_size_mb=0.1)
-    par = dump(tmp_path / "procs", tiny_target, tok, [data_file], batch_tokens=512, shard_size_mb=0.1,
-               render_workers=2)
+    dump(tmp_path / "procs", tiny_target, tok, [data_file], batch_tokens=512, shard_size_mb=0.1,
+         render_workers=2)
     assert ref.shards > 1 and files_of(tmp_path / "thread") == files_of(tmp_path / "procs")
 
     # Straight from the iterator, with small chunks so both workers hold several, a start

@@ -13,14 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3_target.data.chat import ChatEncoder, iter_samples
-from batches import first_sample_chats
+from batches import draft_vocab_file, first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
 from eagle3_target.reader import Eagle3Dataset
 from eagle3_target.server.process import ServerProcess
 from eagle3_target.shards import read_manifest
 from eagle3_target.verify import verify_dump
-from eagle3_target.vocab import build_vocab_mapping
 
 N_ROWS = 24
 
@@ -32,10 +30,8 @@ def data_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mapping_file(tmp_path_factory, tiny_target, tok, data_file) -> Path:
-    ids = [[t for t, m in zip(s.input_ids, s.loss_mask) if m] for s in iter_samples([data_file], ChatEncoder(tok))]
-    p = tmp_path_factory.mktemp("vocab") / "vocab.safetensors"
-    build_vocab_mapping(ids, 200, [tok.eos_token_id], target_vocab_size=tiny_target.vocab_size).save(p)
-    return p
+    return draft_vocab_file(tmp_path_factory.mktemp("vocab"), tok, data_file, tiny_target.vocab_size,
+                            [tok.eos_token_id])
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from batches import right_padded_batch
 from eagle3_target.contract import LMHead
 from eagle3_target.dump import DumpConfig, _real_tokens, _zero_tails
 from eagle3_target.shards import (
-    ShardJob, header_meta, load_lm_head, pack_shard, safetensors_layout, save_lm_head, stream_to_file,
+    ShardJob, header_meta, load_lm_head, pack_shard, save_lm_head, stream_to_file,
 )
+from eagle3_target.st_stream import layout_pieces
 
 
 def _samples(lengths, h=6, v=11, seed=0):
@@ -51,7 +53,7 @@ def test_streamed_file_hash_and_size(tmp_path, parallel_from):
     import hashlib
 
     parts = {"a": [torch.arange(5), torch.arange(3)], "b": [torch.ones(2, 2, dtype=torch.float16)]}
-    header, pieces = safetensors_layout(parts, None)
+    header, pieces = layout_pieces(parts, None)
     sha, size = stream_to_file(tmp_path / "x.safetensors", header, pieces, parallel_from=parallel_from)
     data = (tmp_path / "x.safetensors").read_bytes()
     assert data == save({"a": torch.cat(parts["a"]), "b": parts["b"][0]})
@@ -83,7 +85,8 @@ def test_real_tokens_and_zero_tails_match_per_row_slicing(shape):
     for r, n in enumerate(lengths):
         want_tails[r, n - 1:] = 0
     assert torch.equal(_zero_tails(t.clone(), lengths), want_tails)
-    flat = _real_tokens({"x": t}, lengths)["x"]
+    _, mask = right_padded_batch(lengths, vocab=2)
+    flat = _real_tokens({"x": t}, mask)["x"]
     assert torch.equal(flat, torch.cat([t[r, :n] for r, n in enumerate(lengths)]))
     assert flat.is_contiguous() and flat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
 

@@ -64,6 +64,7 @@ from eagle3_target.shards import (
     json_bytes,
     kill_point,
     model_fingerprint,
+    host_copy,
     read_header_meta,
     read_manifest,
     save_lm_head,
@@ -238,17 +239,22 @@ def _compute_draft(source: TargetSource, ids, attn, lmask, lengths, mapping) -> 
             "position_mask": pmask.reshape(pmask.shape[0], pmask.shape[1]).bool()}
 
 
-def _real_tokens(out: dict[str, torch.Tensor], lengths: Sequence[int]) -> dict[str, torch.Tensor]:
-    """``[B,S,...]`` padded outputs -> ``[T,...]`` tensors of the real tokens, rows back
-    to back (``T = sum(lengths)``), on the outputs' device: a GPU then sends only real
-    tokens to the host (batches were ~half padding on the sample chats)."""
-    some = next(iter(out.values()))
-    b, s_max = some.shape[:2]
-    keep = torch.zeros(b, s_max, dtype=torch.bool)
-    for r, n in enumerate(lengths):
-        keep[r, :n] = True
-    idx = keep.reshape(-1).nonzero().squeeze(1).to(some.device, non_blocking=True)
+def _real_tokens(out: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``[B,S,...]`` padded outputs -> ``[T,...]`` tensors of the real tokens (where
+    ``attention_mask [B,S]`` is 1, right-padded rows back to back), on the outputs'
+    device: a GPU then sends only real tokens to the host (batches were ~half padding on
+    the sample chats)."""
+    b, s_max = attention_mask.shape
+    idx = attention_mask.reshape(-1).nonzero().squeeze(1)
+    idx = idx.to(next(iter(out.values())).device, non_blocking=True)
     return {k: v.detach().reshape(b * s_max, *v.shape[2:]).index_select(0, idx) for k, v in out.items()}
+
+
+def _done(value: Any) -> Future:
+    """A future that already holds ``value``."""
+    f: Future = Future()
+    f.set_result(value)
+    return f
 
 
 class _HostCopier:
@@ -267,9 +273,7 @@ class _HostCopier:
     def submit(self, flat: dict[str, torch.Tensor]) -> Future:
         some = next(iter(flat.values()))
         if not some.is_cuda:
-            done: Future = Future()
-            done.set_result(flat)
-            return done
+            return _done(flat)
         ready = torch.cuda.Event()
         ready.record()  # the outputs are complete once the engine's stream gets here
         if self._pool is None:
@@ -282,13 +286,8 @@ class _HostCopier:
             if stream is None:
                 stream = self._streams[device] = torch.cuda.Stream(device)
             stream.wait_event(ready)
-            with torch.cuda.stream(stream):
-                host = {}
-                for k, v in flat.items():
-                    host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-                    host[k].copy_(v, non_blocking=True)
-            stream.synchronize()  # ``flat`` (device memory) is kept alive until here
-        return host
+            with torch.cuda.stream(stream):  # each copy waits on this stream only
+                return {k: host_copy(v) for k, v in flat.items()}
 
     def close(self) -> None:
         if self._pool is not None:
@@ -367,6 +366,20 @@ class DumpSummary:
         ]
         skipped = report.lines()
         return out + ([f"  {s}" for s in skipped] if skipped else ["  no rows skipped"])
+
+
+def pack_batch(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` of ``samples``, each
+    ``[B,S] int64``: what the dump hands the target."""
+    s_max = max(len(s) for s in samples)
+    ids = torch.full((len(samples), s_max), pad_id, dtype=torch.int64)
+    attn = torch.zeros((len(samples), s_max), dtype=torch.int64)
+    lmask = torch.zeros((len(samples), s_max), dtype=torch.int64)
+    for r, s in enumerate(samples):
+        ids[r, : len(s)] = torch.tensor(s.input_ids, dtype=torch.int64)
+        attn[r, : len(s)] = 1
+        lmask[r, : len(s)] = torch.tensor(s.loss_mask, dtype=torch.int64)
+    return ids, attn, lmask
 
 
 @dataclass
@@ -548,20 +561,8 @@ class _Dumper:
             return out
 
         for batch in greedy_batches(samples(), self.cfg.batch_tokens):
-            yield _Batch(batch, *self._pack(batch), *seen())
+            yield _Batch(batch, *pack_batch(batch, self.pad_id), *seen())
         yield _Batch(None, None, None, None, *seen())
-
-    def _pack(self, batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask``, each ``[B,S] int64``."""
-        s_max = max(len(s) for s in batch)
-        ids = torch.full((len(batch), s_max), self.pad_id, dtype=torch.int64)
-        attn = torch.zeros((len(batch), s_max), dtype=torch.int64)
-        lmask = torch.zeros((len(batch), s_max), dtype=torch.int64)
-        for r, s in enumerate(batch):
-            ids[r, : len(s)] = torch.tensor(s.input_ids, dtype=torch.int64)
-            attn[r, : len(s)] = 1
-            lmask[r, : len(s)] = torch.tensor(s.loss_mask, dtype=torch.int64)
-        return ids, attn, lmask
 
     def _launch(self, b: _Batch) -> _Rows:
         """Runs the target on one batch and starts copying its real tokens to the host;
@@ -573,7 +574,7 @@ class _Dumper:
         if dtype_name(aux.dtype) != self.config["dtype"] or aux.shape[-1] != 3 * self.config["hidden_size"]:
             raise RuntimeError(f"the target returned aux_hidden_states {tuple(aux.shape)} {aux.dtype}, "
                                f"expected [..., {3 * self.config['hidden_size']}] {self.config['dtype']}")
-        return _Rows(b, lengths, self.copier.submit(_real_tokens(out, lengths)))
+        return _Rows(b, lengths, self.copier.submit(_real_tokens(out, b.attn)))
 
     def _run_batch(self, b: _Batch) -> list[dict[str, torch.Tensor]]:
         return self._launch(b).result()
@@ -586,12 +587,12 @@ class _Dumper:
             # The engine runs batch N+1 while batch N is copied to the host.
             last: tuple[_Batch, Any] | None = None
             for b in batches:
-                launched = self._launch(b) if b.samples is not None else None
+                launched = self._launch(b) if b.samples is not None else _done(None)
                 if last is not None:
-                    yield last[0], last[1].result() if last[1] is not None else None
+                    yield last[0], last[1].result()
                 last = (b, launched)
             if last is not None:
-                yield last[0], last[1].result() if last[1] is not None else None
+                yield last[0], last[1].result()
             return
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
@@ -599,13 +600,13 @@ class _Dumper:
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="eagle3-target") as pool:
             pending: deque = deque()
             for b in batches:
-                pending.append((b, pool.submit(self._run_batch, b) if b.samples is not None else None))
+                pending.append((b, pool.submit(self._run_batch, b) if b.samples is not None else _done(None)))
                 if len(pending) > depth:
                     b0, fut = pending.popleft()
-                    yield b0, fut.result() if fut is not None else None
+                    yield b0, fut.result()
             while pending:
                 b0, fut = pending.popleft()
-                yield b0, fut.result() if fut is not None else None
+                yield b0, fut.result()
 
     def produce(self, start_row: int, first_sample: int, first_index: int,
                 progress: _Progress | None = None) -> Iterator[ShardJob]:
@@ -875,7 +876,8 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
             d.writer.put(job)
             repaired += 1
         written = 0
-        if not d.manifest["complete"]:
+        finishing = not d.manifest["complete"]
+        if finishing:
             shards = d.manifest["shards"]
             start = shards[-1]["rows"][1] if shards else 0
             first = sum(e["num_samples"] for e in shards)
@@ -888,25 +890,22 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
                     written += 1
             finally:
                 progress.close()
-            d.writer.close()
-            if head is not None:
-                head.join()
+        d.writer.close()
+        if head is not None:
+            head.join()  # the dump is complete only with its LM head
+        if finishing:
             d.tail["rows"][1] = total_rows
             with d.lock:
                 d.manifest["tail"] = d.tail
                 d.manifest["complete"] = True
                 d.manifest["summary"] = _summary_json(d.manifest)
                 d.save_manifest()
-        else:
-            d.writer.close()
-            if head is not None:
-                head.join()
     finally:
         d.copier.close()
         if d.writer.error is None:
             d.writer.close()
         if head is not None:
-            head._thread.join()  # never leave it writing; its error, if any, was raised above
+            head.wait()  # never leave it writing; its error, if any, was raised above
     for entry in bad:  # a regenerated shard must reproduce the bytes it replaced
         now = next(e for e in d.manifest["shards"] if e["index"] == entry["index"])
         if now["sha256"] != entry["sha256"]:
@@ -966,8 +965,11 @@ class _LMHeadWriter:
         except BaseException as e:  # re-raised by join()
             self.error = e
 
-    def join(self) -> None:
+    def wait(self) -> None:
         self._thread.join()
+
+    def join(self) -> None:
+        self.wait()
         if self.error is not None:
             raise RuntimeError(f"writing {LM_HEAD_FILE} failed: {self.error}") from self.error
 

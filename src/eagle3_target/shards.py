@@ -43,11 +43,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from eagle3_target.contract import LMHead
-from eagle3_target.st_stream import byte_view, header_bytes
+from eagle3_target.st_stream import byte_view, layout_pieces
 
 __all__ = [
     "FORMAT", "LM_HEAD_FILE", "KILL_ENV", "ShardJob", "ShardWriter", "shard_layout", "pack_shard",
-    "safetensors_layout", "stream_to_file", "host_copy",
+    "stream_to_file", "host_copy", "tmp_path",
     "expected_fields", "manifest_paths", "read_manifest", "save_lm_head", "load_lm_head",
     "sha256_file", "check_shard_file",
 ]
@@ -89,9 +89,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def tmp_path(path: Path, tmp_tag: str = "") -> Path:
+    """Where ``path`` is written before its rename: a rerun deletes its worker's
+    ``.tmp-{tmp_tag}*`` files, which are never part of the dataset."""
+    return path.parent / f".tmp-{tmp_tag}{path.name}"
+
+
 def write_atomic(path: Path, data: bytes, tmp_tag: str = "") -> None:
     """Writes ``data`` to ``path`` via ``.tmp-`` + fsync + rename + directory fsync."""
-    tmp = path.parent / f".tmp-{tmp_tag}{path.name}"
+    tmp = tmp_path(path, tmp_tag)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -177,8 +183,8 @@ def save_lm_head(path: Path, head: LMHead, tmp_tag: str) -> tuple[str, int]:
     if head.bias is not None:
         parts["bias"] = [host_copy(head.bias.detach())]
     meta = {"format": FORMAT, "scale": float(head.scale), "softcap": head.softcap}
-    header, pieces = safetensors_layout(parts, header_meta(meta))
-    tmp = path.parent / f".tmp-{tmp_tag}{path.name}"
+    header, pieces = layout_pieces(parts, header_meta(meta))
+    tmp = tmp_path(path, tmp_tag)
     sha, size = stream_to_file(tmp, header, pieces)
     os.replace(tmp, path)
     fsync_dir(path.parent)
@@ -255,23 +261,6 @@ class ShardJob:
     expected_sha256: str | None = None  # a repair: the hash the manifest recorded
 
 
-def safetensors_layout(parts: dict[str, list[torch.Tensor]],
-                       metadata: dict[str, str] | None) -> tuple[bytes, list[torch.Tensor]]:
-    """A safetensors file as ``(header bytes, tensor pieces in file order)``.
-
-    ``parts[name]`` lists pieces concatenated along dim 0 into tensor ``name``; the
-    header followed by the pieces' bytes is what ``safetensors.torch.save`` writes for
-    the concatenated tensors (:mod:`eagle3_target.st_stream` builds the header)."""
-    entries = []
-    for name, ps in parts.items():
-        dt = ps[0].dtype
-        if any(p.dtype != dt or p.shape[1:] != ps[0].shape[1:] for p in ps):
-            raise RuntimeError(f"field {name}: pieces disagree in dtype or width")
-        entries.append((name, dt, [sum(p.shape[0] for p in ps), *ps[0].shape[1:]]))
-    header, order = header_bytes(entries, metadata)
-    return header, [p for i in order for p in parts[entries[i][0]]]
-
-
 def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple[bytes, list[torch.Tensor]]:
     """One shard as safetensors: ``(header bytes, tensor pieces in file order)``.
 
@@ -286,7 +275,7 @@ def shard_layout(job: ShardJob, config_sha: str, fields: Sequence[str]) -> tuple
     parts["offsets"] = [offsets]
     parts["row_index"] = [torch.tensor(job.rows, dtype=torch.int64)]
     meta = {"format": FORMAT, "config_sha256": config_sha, "entry": job.entry}
-    return safetensors_layout(parts, header_meta(meta))
+    return layout_pieces(parts, header_meta(meta))
 
 
 def stream_to_file(path: Path, header: bytes, pieces: Sequence[torch.Tensor],
@@ -359,7 +348,7 @@ class ShardWriter:
 
     def _prepare(self, job: ShardJob) -> tuple[Path, str, int]:
         header, pieces = shard_layout(job, self.config_sha, self.fields)
-        tmp = self.out / f".tmp-{self.tmp_tag}{job.name}"
+        tmp = tmp_path(self.out / job.name, self.tmp_tag)
         sha, size = stream_to_file(tmp, header, pieces)
         return tmp, sha, size
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ST_DTYPES", "SafetensorsFormatError", "header_bytes", "layout", "byte_view",
+__all__ = ["ST_DTYPES", "SafetensorsFormatError", "header_bytes", "layout", "layout_pieces", "byte_view",
            "decode_buffer", "MAX_HEADER_BYTES"]
 
 # safetensors dtype names in the library's rank order (its Dtype enum); a file holds its
@@ -91,15 +91,28 @@ def layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
            ) -> tuple[bytes, list[torch.Tensor]]:
     """``(header, tensors in file order)`` for contiguous CPU tensors: the header
     followed by each tensor's bytes is what ``safetensors.torch.save`` returns."""
-    names = list(tensors)
-    for k in names:
-        t = tensors[k]
+    for k, t in tensors.items():
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"{k}: layout needs contiguous CPU tensors, got {t.device} "
                              f"{'contiguous' if t.is_contiguous() else 'strided'}")
-    head, order = header_bytes([(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in names],
-                               metadata)
-    return head, [tensors[names[i]] for i in order]
+    return layout_pieces({k: [t] for k, t in tensors.items()}, metadata)
+
+
+def layout_pieces(parts: Mapping[str, Sequence[torch.Tensor]], metadata: Mapping[str, str] | None = None
+                  ) -> tuple[bytes, list[torch.Tensor]]:
+    """Like :func:`layout`, for tensors given as pieces: ``parts[name]`` is concatenated
+    along dim 0 into tensor ``name`` (the pieces need not be adjacent in memory). Returns
+    ``(header, pieces in file order)``; the dump streams its shards this way, one piece
+    per sample."""
+    entries = []
+    for name, ps in parts.items():
+        dt, rest = ps[0].dtype, ps[0].shape[1:]
+        if any(p.dtype != dt or p.shape[1:] != rest for p in ps):
+            raise RuntimeError(f"field {name}: pieces disagree in dtype or width")
+        shape = list(ps[0].shape) if len(ps) == 1 else [sum(p.shape[0] for p in ps), *rest]
+        entries.append((name, dt, shape))
+    header, order = header_bytes(entries, metadata)
+    return header, [p for i in order for p in parts[entries[i][0]]]
 
 
 def _bad(what: str, detail: str) -> SafetensorsFormatError:

@@ -43,16 +43,19 @@ class RenderSpec:
     shard_index: int = 0
 
 
-def _worker(conn: Any, spec_json: str, w: int, workers: int, chunk_rows: int) -> None:
+def _chunks(spec: RenderSpec, total: int, chunk_rows: int) -> range:
+    """The chunk indices holding rows ``spec.start`` to ``total - 1``."""
+    return range(spec.start // chunk_rows, (total + chunk_rows - 1) // chunk_rows)
+
+
+def _worker(conn: Any, spec_json: str, total: int, w: int, workers: int, chunk_rows: int) -> None:
     try:
-        from eagle3_target.data.chat import ChatEncoder, count_rows, encode_row, iter_raw_rows, load_tokenizer
+        from eagle3_target.data.chat import ChatEncoder, encode_row, iter_raw_rows, load_tokenizer
 
         spec = RenderSpec(**json.loads(spec_json))
         enc = ChatEncoder(load_tokenizer(spec.tokenizer_dir), max_length=spec.max_length,
                           mask_reasoning=spec.mask_reasoning, vocab_size=spec.vocab_size)
-        total = count_rows(spec.paths)
-        first = spec.start // chunk_rows
-        mine = [c for c in range(first, (total + chunk_rows - 1) // chunk_rows) if c % workers == w]
+        mine = [c for c in _chunks(spec, total, chunk_rows) if c % workers == w]
 
         def keep(i: int) -> bool:
             return (i // chunk_rows) % workers == w and i % spec.num_shards == spec.shard_index
@@ -91,13 +94,13 @@ def iter_samples_parallel(spec: RenderSpec, workers: int, chunk_rows: int = 64) 
     try:
         for w in range(workers):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(child, json.dumps(asdict(spec)), w, workers, chunk_rows),
+            p = ctx.Process(target=_worker, args=(child, json.dumps(asdict(spec)), total, w, workers, chunk_rows),
                             name=f"eagle3-render-{w}", daemon=True)
             p.start()
             child.close()
             procs.append(p)
             conns.append(parent)
-        for c in range(spec.start // chunk_rows, (total + chunk_rows - 1) // chunk_rows):
+        for c in _chunks(spec, total, chunk_rows):
             msg = _receive(conns[c % workers], c % workers)
             if msg.get("chunk") != c:
                 raise RuntimeError(f"render worker {c % workers} sent {str(msg)[:200]} for chunk {c}")
