@@ -361,37 +361,15 @@ def test_prefetch_one_runs_the_in_process_target_on_a_worker_thread(tmp_path, ti
     assert not (tmp_path / "c").exists()
 
 
-def test_render_workers_give_the_same_dataset(tmp_path, tiny_target, tok, data_file):
-    """Chats rendered by two worker processes: the same bytes as the in-process thread,
-    also for one worker of a --num-shards split and for a resumed start row."""
-    from eagle3_target.data.chat import ChatEncoder, iter_samples
-    from eagle3_target.data.render import RenderSpec, iter_samples_parallel
-
-    ref = dump(tmp_path / "thread", tiny_target, tok, [data_file], batch_tokens=512, shard_size_mb=0.1)
-    dump(tmp_path / "procs", tiny_target, tok, [data_file], batch_tokens=512, shard_size_mb=0.1,
-         render_workers=2)
-    assert ref.shards > 1 and files_of(tmp_path / "thread") == files_of(tmp_path / "procs")
-
-    # Straight from the iterator, with small chunks so both workers hold several, a start
-    # row inside a chunk and a worker split: equal to iter_samples, skipped rows included.
-    bad = tmp_path / "with-bad-rows.jsonl"
-    lines = Path(data_file).read_text().splitlines()
-    lines[5] = "{not json"
-    lines[9] = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
-    bad.write_text("\n".join(lines) + "\n")
-    enc = ChatEncoder(tok, max_length=2048)
-    spec = RenderSpec(paths=[str(bad)], tokenizer_dir=str(tok.name_or_path), max_length=2048,
-                      start=3, num_shards=2, shard_index=1)
-    want = list(iter_samples([bad], enc, start=3, keep=lambda r: r % 2 == 1))
-    got = list(iter_samples_parallel(spec, workers=2, chunk_rows=4))
-    assert got == want and any(not hasattr(x, "input_ids") for x in got)
-
-
-def test_render_worker_errors_are_raised_with_their_message(tmp_path, tok, data_file):
-    from eagle3_target.data.render import RenderSpec, iter_samples_parallel
-
-    spec = RenderSpec(paths=[str(data_file)], tokenizer_dir=str(tmp_path / "no-such-tokenizer"))
-    with pytest.raises(RuntimeError, match="render worker 0 failed: .*no-such-tokenizer"):
-        list(iter_samples_parallel(spec, workers=1))
-    with pytest.raises(ValueError, match="render_workers"):
-        DumpConfig(out=str(tmp_path / "x"), render_workers=-1)
+def test_pin_threads_are_checked_and_a_cpu_dump_leaves_torch_alone(tmp_path, tiny_target, tok, data_file,
+                                                                   monkeypatch):
+    for bad in (-1, 6, 256, True):
+        with pytest.raises(ValueError, match="pin_threads"):
+            DumpConfig(out=str(tmp_path / "x"), pin_threads=bad)
+    assert not (tmp_path / "x").exists()
+    # The pinned-pool setting is process-wide: a dump whose target runs on the CPU has
+    # nothing to pin and must not change it.
+    seen: list[str] = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", seen.append, raising=False)
+    dump(tmp_path / "a", tiny_target, tok, [data_file], pin_threads=16)
+    assert seen == []

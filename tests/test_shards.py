@@ -11,7 +11,7 @@ from batches import right_padded_batch
 from eagle3_target.contract import LMHead
 from eagle3_target.dump import DumpConfig, _real_tokens, _zero_tails
 from eagle3_target.shards import (
-    ShardJob, header_meta, load_lm_head, pack_shard, save_lm_head, stream_to_file,
+    ShardJob, header_meta, load_lm_head, pack_shard, save_lm_head, stream_to_file, threaded_pinning,
 )
 from eagle3_target.st_stream import layout_pieces
 
@@ -136,3 +136,20 @@ def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_with_the_co
     time.sleep(0.3)
     assert len(produced) == n <= 5 + 3 + 2  # the producer stopped, a bounded way ahead
     assert not [t for t in set(threading.enumerate()) - before if t.name == "eagle3-read-ahead"]
+
+
+def test_threaded_pinning_sets_torch_allocator_unless_the_user_did(monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", seen.append, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert threaded_pinning(0) is None and seen == []
+    conf = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+    assert threaded_pinning(8) == conf and seen == [conf]
+    with pytest.raises(ValueError, match="power of two"):
+        threaded_pinning(6)
+    # The user's own pinned_ option wins; other options of theirs do not block ours.
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert threaded_pinning(4) is not None and len(seen) == 2
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "pinned_num_register_threads:2")
+    assert threaded_pinning(4) is None and len(seen) == 2
