@@ -78,7 +78,7 @@ for stage in "$@"; do
       chats=$G/code/src/eagle3_target/data/sample_chats.jsonl
       for i in $(seq ${DUMP_COPIES:-10}); do cat "$chats"; done > /tmp/chats-large.jsonl
       step 560 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
-        --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb ${SYNTHETIC_MB:-2048} --batch-tokens 16384 \
+        --device cuda --dtype bfloat16 --repeat ${DUMP_REPEAT:-3} --synthetic-mb ${SYNTHETIC_MB:-2048} --batch-tokens 16384 \
         --modes hidden --data /tmp/chats-large.jsonl --shard-size-mb 256 --breakdown --check --variants ${VARIANTS:-base} \
         --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
