@@ -371,5 +371,14 @@ def test_pin_threads_are_checked_and_a_cpu_dump_leaves_torch_alone(tmp_path, tin
     # nothing to pin and must not change it.
     seen: list[str] = []
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", seen.append, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     dump(tmp_path / "a", tiny_target, tok, [data_file], pin_threads=16)
     assert seen == []
+    # On a GPU the LM head's copy and the batch copies both ask; torch is told once.
+    from eagle3_target.dump import _HostCopier
+
+    copier = _HostCopier(pin_threads=16)
+    copier.prepare_pinning()
+    copier.prepare_pinning()
+    assert seen == ["pinned_use_cuda_host_register:True,pinned_num_register_threads:16"]

@@ -271,6 +271,16 @@ class _HostCopier:
         self._pool: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, Any] = {}
         self._pin_threads = pin_threads
+        self._pinning = threading.Lock()
+        self._pinning_set = False
+
+    def prepare_pinning(self) -> None:
+        """Applies ``pin_threads`` (once) before this dump's first pinned allocation,
+        whichever thread makes it: the LM head's 1 GB copy usually comes first."""
+        with self._pinning:
+            if not self._pinning_set:
+                threaded_pinning(self._pin_threads)
+                self._pinning_set = True
 
     def submit(self, flat: dict[str, torch.Tensor]) -> Future:
         some = next(iter(flat.values()))
@@ -279,7 +289,7 @@ class _HostCopier:
         ready = torch.cuda.Event()
         ready.record()  # the outputs are complete once the engine's stream gets here
         if self._pool is None:
-            threaded_pinning(self._pin_threads)
+            self.prepare_pinning()
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-d2h")
         return self._pool.submit(self._copy, flat, ready, some.device)
 
@@ -952,7 +962,10 @@ class _LMHeadWriter:
             rec = self.d.manifest.get("lm_head")
             if rec is not None and self.path.is_file() and sha256_file(self.path) == rec["sha256"]:
                 return
-            sha, size = save_lm_head(self.path, self.source.lm_head(), self.tag)
+            head = self.source.lm_head()
+            if head.weight.is_cuda:
+                self.d.copier.prepare_pinning()
+            sha, size = save_lm_head(self.path, head, self.tag)
             with self.d.lock:
                 self.d.manifest["lm_head"] = {"file": LM_HEAD_FILE, "bytes": size, "sha256": sha}
                 self.d.save_manifest()
