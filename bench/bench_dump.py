@@ -35,7 +35,7 @@ from eagle3_target.data.chat import (
     ChatEncoder, Sample, iter_samples, iter_supervised_ids, load_tokenizer, sample_data_path,
 )
 from eagle3_target.dump import MODES, DumpConfig, greedy_batches, pack_batch, run_dump
-from eagle3_target.shards import ShardJob, ShardWriter
+from eagle3_target.shards import ShardJob, ShardWriter, set_allocator_settings
 from eagle3_target.vocab import build_vocab_mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,13 +111,6 @@ def empty_host_cache() -> None:
             f()
             break
     torch.cuda.reset_accumulated_host_memory_stats()
-
-
-def set_allocator_settings(conf: str) -> None:
-    f = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if f is None:
-        f = torch.cuda.memory._set_allocator_settings
-    f(conf)
 
 
 def set_variant(name: str) -> None:

@@ -208,11 +208,16 @@ def threaded_pinning(threads: int) -> str | None:
     if any("pinned_" in os.environ.get(v, "") for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
         return None
     conf = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
+    set_allocator_settings(conf)
+    return conf
+
+
+def set_allocator_settings(conf: str) -> None:
+    """torch's allocator options at run time (the ``PYTORCH_CUDA_ALLOC_CONF`` syntax)."""
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if setter is None:  # torch before 2.9
         setter = torch.cuda.memory._set_allocator_settings
     setter(conf)
-    return conf
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:
