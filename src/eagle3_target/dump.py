@@ -65,6 +65,7 @@ from eagle3_target.shards import (
     kill_point,
     model_fingerprint,
     host_copy,
+    pin_threads_ok,
     read_header_meta,
     read_manifest,
     save_lm_head,
@@ -161,8 +162,7 @@ class DumpConfig:
             raise ValueError(f"mode {self.mode!r} needs --vocab mapping.safetensors (see `eagle3-target vocab`)")
         if self.writer_threads is None:
             self.writer_threads = min(8, max(2, (os.cpu_count() or 2) // 2))
-        if isinstance(self.pin_threads, bool) or not isinstance(self.pin_threads, int) \
-                or self.pin_threads < 0 or self.pin_threads & (self.pin_threads - 1) or self.pin_threads > 128:
+        if not pin_threads_ok(self.pin_threads):
             raise ValueError(f"pin_threads must be 0 or a power of two up to 128, got {self.pin_threads!r}")
         for name in ("batch_tokens", "num_shards", "writer_threads"):
             v = getattr(self, name)

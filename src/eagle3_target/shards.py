@@ -191,6 +191,13 @@ def save_lm_head(path: Path, head: LMHead, tmp_tag: str) -> tuple[str, int]:
     return sha, size
 
 
+def pin_threads_ok(threads: Any) -> bool:
+    """0 (torch's default pinning) or what torch takes for ``pinned_num_register_threads``:
+    a power of two up to 128."""
+    return (isinstance(threads, int) and not isinstance(threads, bool) and 0 <= threads <= 128
+            and not threads & (threads - 1))
+
+
 def threaded_pinning(threads: int) -> str | None:
     """Makes torch grow its pinned host pool by malloc, page faults on ``threads``
     threads and ``cudaHostRegister`` instead of one ``cudaHostAlloc`` per block; returns
@@ -203,7 +210,7 @@ def threaded_pinning(threads: int) -> str | None:
     """
     if threads <= 0:
         return None
-    if threads & (threads - 1) or threads > 128:
+    if not pin_threads_ok(threads):
         raise ValueError(f"pin threads must be a power of two up to 128 (torch's rule), got {threads}")
     if any("pinned_" in os.environ.get(v, "") for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
         return None
