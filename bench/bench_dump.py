@@ -121,12 +121,15 @@ def set_variant(name: str) -> None:
 
     orig = set_variant.__dict__.setdefault("orig", {
         "parallel": sh.stream_to_file.__defaults__, "submit": d._HostCopier.submit,
-        "read_ahead": d.read_ahead})
+        "read_ahead": d.read_ahead, "start_render": d._start_render_process})
     sh.stream_to_file.__defaults__ = orig["parallel"]
     d._HostCopier.submit = orig["submit"]
     d.read_ahead = orig["read_ahead"]
+    d._start_render_process = orig["start_render"]
+    set_variant.child_ready = False
     sys.setswitchinterval(0.005)
     set_variant.pin_threads = None
+    set_variant.render = "auto"
     if torch.cuda.is_available():  # torch's default; a dump with pin_threads > 0 changes it
         set_allocator_settings("pinned_use_cuda_host_register:False,pinned_num_register_threads:1")
     for part in name.split("+"):
@@ -144,6 +147,10 @@ def set_variant(name: str) -> None:
             d.read_ahead = lambda items, depth: items
         elif part.startswith("switch-"):  # e.g. switch-0.5ms: the GIL's switch interval
             sys.setswitchinterval(float(part[len("switch-"):-2]) / 1000)
+        elif part == "child-ready":  # the render process started and ready before the clock starts,
+            set_variant.child_ready = True  # as the CLI's is by the time the engine has loaded
+        elif part.startswith("render-"):  # render-thread, render-process: DumpConfig.render
+            set_variant.render = part[len("render-"):]
         elif part.startswith("pin-"):  # e.g. pin-0: DumpConfig.pin_threads=0 (cudaHostAlloc)
             set_variant.pin_threads = int(part[len("pin-"):])
         elif part != "base":
@@ -221,7 +228,7 @@ def main() -> None:
     p.add_argument("--pin-threads", type=int, default=8, help="DumpConfig.pin_threads")
     p.add_argument("--variants", default="base",
                    help="comma-separated pipeline ablations: base, inline-hash, sync-copy, "
-                        "no-read-ahead, switch-<ms>ms, pin-<n>, or several joined with +")
+                        "no-read-ahead, switch-<ms>ms, pin-<n>, render-thread, render-process, child-ready, or several joined with +")
     p.add_argument("--check", action="store_true",
                    help="compare the first run's first and last batch with the target run directly")
     p.add_argument("--breakdown", action="store_true", help="print where the dump's main thread spent its time")
@@ -278,16 +285,28 @@ def main() -> None:
                                  batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
                                  writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False,
                                  pin_threads=(set_variant.pin_threads if set_variant.pin_threads
-                                              is not None else args.pin_threads))
+                                              is not None else args.pin_threads),
+                                 render=set_variant.render)
                 if breakdown is not None:
                     breakdown.acc.clear()
+                if set_variant.child_ready:
+                    import eagle3_target.dump as d
+                    from eagle3_target.data.render_process import RenderProcess
+                    from eagle3_target.shards import tokenizer_fingerprint
+
+                    child = RenderProcess(model_dir, tokenizer_fingerprint(tok))
+                    if not child.wait_ready(120):
+                        raise SystemExit(f"the render process did not start: {child.failure}")
+                    d._start_render_process = lambda *a, _c=child: _c
                 t0 = time.perf_counter()
                 summary = run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
                 sync(dev)
                 d_times.append(time.perf_counter() - t0)
                 if breakdown is not None:
                     print(f"  {label} run {r}: engine alone {e_times[-1]:.2f} s; "
-                          + breakdown.report(d_times[-1]), file=sys.stderr, flush=True)
+                          + breakdown.report(d_times[-1])
+                          + f"; rows rendered by the child process {summary.run_child_rows}",
+                          file=sys.stderr, flush=True)
                 if r == 0 and args.check:
                     print(f"  {mode}: {check_dump(out, target, batches, mode, mapping, pad)}",
                           file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmark on a device-tool machine.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
 #
 # GPU_DIR (carried, git-ignored) holds bundle/ (../shared/gpu/build-sglang-bundle.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -83,6 +83,19 @@ for stage in "$@"; do
         --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/bench_dump_large.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    cli-dump)
+      # The CLI end to end on the 8B shape (engine load included): its summary says how many
+      # rows the render process took (all of them when its start overlapped the engine load).
+      [ -d /tmp/llama8b ] || { step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
+        step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+        cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/; }
+      for i in $(seq ${CLI_COPIES:-4}); do cat "$G/code/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-cli.jsonl
+      rm -rf /tmp/cli-dump
+      step 300 python3 -m eagle3_target.cli dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
+        --data /tmp/chats-cli.jsonl --out /tmp/cli-dump --batch-tokens 16384 \
+        --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
+        | tee "$OUT/cli_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      rm -rf /tmp/cli-dump ;;
     check-client)
       # The client's CUDA path (pinned reads, non-blocking device copies) vs in process.
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked

@@ -49,10 +49,10 @@ from eagle3_target.data.chat import (
     Skipped,
     check_data_files,
     count_rows,
-    iter_samples,
     sample_data_path,
     scan,
 )
+from eagle3_target.data.render_process import RenderProcess, iter_samples_handover
 from eagle3_target.shards import (
     FORMAT,
     LM_HEAD_FILE,
@@ -101,6 +101,9 @@ class TargetSource(Protocol):
 
 
 # --------------------------------------------------------------------------- config
+
+
+RENDER_CHOICES = ("auto", "thread", "process")
 
 
 @dataclass
@@ -154,6 +157,15 @@ class DumpConfig:
     the runners' capture hooks are shared. Order and bytes do not depend on it."""
     progress: bool | None = None
     """Progress bar on stderr; None shows it when stderr is a terminal."""
+    render: str = "auto"
+    """Where the chat template runs: ``thread`` (a thread of this process), ``process``
+    (a child process, which takes over from the thread once it has loaded the tokenizer)
+    or ``auto``: ``process`` when the target is an engine in this process on a GPU,
+    ``thread`` otherwise. A GPU engine launches kernels from Python, and a render thread
+    sharing its GIL slows it (docs/benchmarks.md); on the CPU the engine's ops are long
+    and a child would only take a core from it; with ``server`` no engine shares the GIL.
+    The child is started before the engine loads, so its start (seconds of imports)
+    overlaps the load."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -182,6 +194,15 @@ class DumpConfig:
             raise ValueError("--server and --engine are exclusive: the server runs its own engine")
         if isinstance(self.data, str):
             self.data = [self.data]
+        if self.render not in RENDER_CHOICES:
+            raise ValueError(f"render must be one of {', '.join(RENDER_CHOICES)}, got {self.render!r}")
+
+    def render_in_child(self, engine_on_gpu: bool) -> bool:
+        """Whether a child process renders the chats (see ``render``); ``engine_on_gpu``:
+        the target is an engine in this process, on a GPU."""
+        if self.render != "auto":
+            return self.render == "process"
+        return engine_on_gpu
 
     @property
     def worker_tag(self) -> str:
@@ -353,6 +374,8 @@ class DumpSummary:
     shards_written: int = 0
     shards_adopted: int = 0
     shards_repaired: int = 0
+    run_child_rows: int = 0
+    """Rows of this run rendered by the child process (``--render``), the rest by a thread."""
 
     @property
     def bytes_per_token(self) -> float:
@@ -375,7 +398,8 @@ class DumpSummary:
             f"  this run: {self.run_samples:,} samples, {self.run_tokens:,} tokens in {self.run_seconds:.1f} s "
             f"({self.run_samples / dt:,.1f} samples/s, {self.run_tokens / dt:,.0f} tokens/s, "
             f"{self.run_bytes / dt / 1e6:,.1f} MB/s); shards written {self.shards_written}, "
-            f"adopted {self.shards_adopted}, repaired {self.shards_repaired}",
+            f"adopted {self.shards_adopted}, repaired {self.shards_repaired}"
+            + (f"; {self.run_child_rows:,} rows rendered by a child process" if self.run_child_rows else ""),
         ]
         skipped = report.lines()
         return out + ([f"  {s}" for s in skipped] if skipped else ["  no rows skipped"])
@@ -384,15 +408,20 @@ class DumpSummary:
 def pack_batch(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` of ``samples``, each
     ``[B,S] int64``: what the dump hands the target."""
+    import numpy as np
+
+    # Built in numpy, then handed to torch whole: a torch op per row would drop and
+    # retake the GIL hundreds of times a batch on the read-ahead thread, and each time
+    # the engine's launching thread waits to get it back.
     s_max = max(len(s) for s in samples)
-    ids = torch.full((len(samples), s_max), pad_id, dtype=torch.int64)
-    attn = torch.zeros((len(samples), s_max), dtype=torch.int64)
-    lmask = torch.zeros((len(samples), s_max), dtype=torch.int64)
+    ids = np.full((len(samples), s_max), pad_id, dtype=np.int64)
+    attn = np.zeros((len(samples), s_max), dtype=np.int64)
+    lmask = np.zeros((len(samples), s_max), dtype=np.int64)
     for r, s in enumerate(samples):
-        ids[r, : len(s)] = torch.tensor(s.input_ids, dtype=torch.int64)
+        ids[r, : len(s)] = s.input_ids
         attn[r, : len(s)] = 1
-        lmask[r, : len(s)] = torch.tensor(s.loss_mask, dtype=torch.int64)
-    return ids, attn, lmask
+        lmask[r, : len(s)] = s.loss_mask
+    return torch.from_numpy(ids), torch.from_numpy(attn), torch.from_numpy(lmask)
 
 
 @dataclass
@@ -541,14 +570,16 @@ class _Dumper:
             self.save_manifest()
 
     # -- production -------------------------------------------------------------------
-    def _batches(self, start_row: int) -> Iterator[_Batch]:
+    def _batches(self, start_row: int, child: RenderProcess | None) -> Iterator[_Batch]:
         """Rendered, tokenised and packed batches from ``start_row`` on, then one last
-        item (``samples=None``) with the rows read after the last batch."""
+        item (``samples=None``) with the rows read after the last batch. ``child``
+        takes the rendering over once it is ready."""
         skipped: list[Skipped] = []
         read = [0]
 
         cfg = self.cfg
-        items = iter_samples(cfg.data, self.encoder, start=start_row, keep=cfg.owns)
+        items = iter_samples_handover(cfg.data, self.encoder, start=start_row, num_shards=cfg.num_shards,
+                                      shard_index=cfg.shard_index, child=child)
 
         def samples() -> Iterator[Sample]:
             for item in items:
@@ -613,9 +644,9 @@ class _Dumper:
                 yield b0, fut.result()
 
     def produce(self, start_row: int, first_sample: int, first_index: int,
-                progress: _Progress | None = None) -> Iterator[ShardJob]:
+                progress: _Progress | None = None, child: RenderProcess | None = None) -> Iterator[ShardJob]:
         """Shards from ``start_row`` on; afterwards ``self.tail`` holds the skipped rows
-        after the last sample."""
+        after the last sample. ``child`` (used by one call only) renders once it is ready."""
         pending: list[Skipped] = []
         counter = [0]
         samples: list[dict[str, torch.Tensor]] = []
@@ -642,7 +673,7 @@ class _Dumper:
 
         # Rendering, tokenising and packing run a batch or two ahead on a thread of their
         # own, so the target never waits for the chat template.
-        for b, rows in self._computed(read_ahead(self._batches(start_row), depth=2)):
+        for b, rows in self._computed(read_ahead(self._batches(start_row, child), depth=2)):
             pending += b.skipped
             counter[0] += b.rows_read
             if b.samples is None:
@@ -750,8 +781,9 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
 
     t_start = time.perf_counter()
     data = check_data_files(cfg.data)
+    tokenizer_dir = _tokenizer_dir(cfg) if tokenizer is None else getattr(tokenizer, "name_or_path", None)
     if tokenizer is None:
-        tokenizer = load_tokenizer(_tokenizer_dir(cfg))
+        tokenizer = load_tokenizer(tokenizer_dir)
     mapping = None
     if cfg.vocab:
         if not Path(cfg.vocab).is_file():
@@ -770,10 +802,12 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
     if cfg.prefetch > 1 and not cfg.server and (source is None or _in_process(source)):
         raise ValueError(f"--prefetch {cfg.prefetch}: an in-process target runs one forward at a time "
                          f"(its capture hooks are shared); use --prefetch 0 or 1")
+    # Started before the target loads, so the child's imports overlap the engine's.
     own_source = source is None
-    if own_source:
-        source = _load_source(cfg)
+    child = _start_render_process(cfg, tokenizer, tokenizer_dir, _engine_on_gpu(cfg, source))
     try:
+        if own_source:
+            source = _load_source(cfg)
         v = getattr(source, "vocab_size", None)
         if mapping is not None and v is not None and mapping.target_vocab_size != v:
             raise ValueError(f"--vocab maps a vocabulary of {mapping.target_vocab_size} tokens but the "
@@ -790,7 +824,7 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
         config = {
             "format": FORMAT, "mode": cfg.mode,
             "data": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in data],
-            "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "tokenizer_sha256": child.fingerprint if child is not None else tokenizer_fingerprint(tokenizer),
             "model_sha256": (model_fingerprint(_model_dir(cfg)) if not cfg.server
                              else "server:" + str((getattr(source, "info", None) or {}).get("model"))),
             "engine": "server" if cfg.server else cfg.engine,
@@ -812,12 +846,37 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock(out, cfg)
         try:
-            return _run_locked(cfg, source, encoder, mapping, config, existing, tokenizer, t_start, log)
+            return _run_locked(cfg, source, encoder, mapping, config, existing, tokenizer, child, t_start, log)
         finally:
             os.close(lock)
     finally:
-        if own_source:
+        if child is not None:
+            child.close()
+            if child.failure is not None:
+                log(f"note: the render process was not used ({child.failure}); this process rendered the chats")
+        if own_source and source is not None:
             source.close()
+
+
+def _engine_on_gpu(cfg: DumpConfig, source: TargetSource | None) -> bool:
+    """Whether the target is (or, not loaded yet, will be) an engine in this process on a GPU."""
+    if source is None:
+        return not cfg.server and not str(cfg.device or "").startswith("cpu") and torch.cuda.is_available()
+    if not _in_process(source):
+        return False
+    return source._runner.input_embedding_weight().device.type == "cuda"
+
+
+def _start_render_process(cfg: DumpConfig, tokenizer: Any, tokenizer_dir: str | None,
+                          engine_on_gpu: bool) -> RenderProcess | None:
+    if not cfg.render_in_child(engine_on_gpu):
+        return None
+    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+        if cfg.render == "process":
+            raise ValueError("--render process needs the tokenizer's folder (--tokenizer or --model), "
+                             "which the child loads")
+        return None
+    return RenderProcess(str(tokenizer_dir), tokenizer_fingerprint(tokenizer))
 
 
 def _in_process(source: Any) -> bool:
@@ -844,7 +903,7 @@ def _lock(out: Path, cfg: DumpConfig) -> int:
 
 def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, mapping: Any,
                 config: dict[str, Any], existing: dict[str, Any] | None, tokenizer: Any,
-                t_start: float, log: Callable[[str], None]) -> DumpSummary:
+                child: RenderProcess | None, t_start: float, log: Callable[[str], None]) -> DumpSummary:
     out = Path(cfg.out)
     pad = getattr(tokenizer, "pad_token_id", None)
     d = _Dumper(cfg, source, encoder, mapping, config, pad if pad is not None else 0)
@@ -889,7 +948,7 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
             owned = len(range(cfg.shard_index, total_rows, cfg.num_shards))
             progress = _Progress(owned, len(range(cfg.shard_index, start, cfg.num_shards)), cfg.progress)
             try:
-                for job in d.produce(start, first, len(shards), progress):
+                for job in d.produce(start, first, len(shards), progress, child=child):
                     d.writer.put(job)
                     written += 1
             finally:
@@ -923,7 +982,7 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
         logits_bytes_per_token=_logits_bytes_per_token(config),
         run_samples=d.run_samples, run_tokens=d.run_tokens, run_bytes=d.writer.bytes_written,
         run_seconds=time.perf_counter() - t_start, shards_written=written,
-        shards_adopted=adopted, shards_repaired=repaired)
+        shards_adopted=adopted, shards_repaired=repaired, run_child_rows=child.rows if child is not None else 0)
 
 
 def _logits_bytes_per_token(config: dict[str, Any]) -> float:
@@ -1026,7 +1085,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,
         writer_threads=args.writer_threads, prefetch=args.prefetch, progress=args.progress,
-        pin_threads=args.pin_threads)
+        pin_threads=args.pin_threads, render=args.render)
     try:
         summary = run_dump(cfg)
     except (OSError, RuntimeError) as e:  # a full disk, a lost server: what is done stays done
@@ -1070,6 +1129,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on a GPU, threads that pin the host copy pool (0: torch's default cudaHostAlloc)")
     p.add_argument("--prefetch", type=int, default=None,
                    help="batches computed ahead on worker threads (default: 2 with --server, else 0)")
+    p.add_argument("--render", default="auto", choices=RENDER_CHOICES,
+                   help="where the chat template runs: a thread, a child process that takes over once "
+                        "loaded (keeps the GIL free for a GPU engine), or auto (process on a GPU)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.set_defaults(func=_cmd_dump)

@@ -1,0 +1,319 @@
+"""Rendering chats in a child process, for the dump.
+
+Owns :class:`RenderProcess` (the parent's side), :func:`iter_samples_handover` (the
+dump's sample stream) and :func:`main` (the child, ``python -m
+eagle3_target.data.render_process``).
+
+Why a process: the chat template is pure Python, and on a thread of the dump it shares
+the GIL with the engine. PyTorch drops the GIL around every op it dispatches, so a busy
+render thread takes it at each of the engine's kernel launches and the engine waits to
+take it back: on an H100 the 8B target ran 6-13% slower inside a dump than alone, and
+2-5% slower with this child (docs/benchmarks.md). In a child the template runs on a
+core of its own, and the parent only unpacks frames of token ids.
+
+Why a handover: the child needs seconds to import transformers and load the tokenizer,
+so the parent renders rows itself until the child says it is ready, then hands over at
+its next row. Both sides run the same :class:`ChatEncoder` settings on the same tokenizer
+(the child proves it with the tokenizer's fingerprint), so the samples, and the dump's
+bytes, do not depend on when the handover happens.
+
+Protocol, no pickles: the parent writes two JSON lines to the child's stdin, first
+``{"tokenizer": DIR}``, then (once the child is ready) a :class:`RenderJob`. The child
+answers with frames on its stdout, ``kind (1 byte) | payload length (uint64 LE) |
+payload``:
+
+- ``R`` ready: JSON ``{"fingerprint": sha256 of the tokenizer}``
+- ``S`` sample: ``row int64, n int64, input_ids int32[n], loss_mask uint8[n]`` (LE)
+- ``K`` skipped row: JSON of :meth:`Skipped.to_json`
+- ``E`` end of the rows
+- ``X`` error: JSON ``{"error": message}``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Sequence
+
+import numpy as np
+
+from eagle3_target.data.chat import ChatEncoder, Sample, Skipped, encode_row, iter_raw_rows
+
+__all__ = ["RenderJob", "RenderProcess", "iter_samples_handover", "main"]
+
+POLL_SECONDS = 0.02
+"""How often the stream asks whether the child is ready: not every row, since each
+question is a system call, and a GIL release the engine's thread then waits to win back."""
+
+_HEADER = struct.Struct("<cQ")
+_SAMPLE = struct.Struct("<qq")
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """The rows the child renders, and the :class:`ChatEncoder` settings it renders them with."""
+
+    paths: list[str]
+    start: int
+    num_shards: int
+    shard_index: int
+    max_length: int | None
+    mask_reasoning: bool
+    vocab_size: int | None
+    use_template_mask: bool
+
+    @classmethod
+    def of(cls, paths: Sequence[str | Path], encoder: ChatEncoder, start: int,
+           num_shards: int, shard_index: int) -> "RenderJob":
+        return cls([str(p) for p in paths], start, num_shards, shard_index, encoder.max_length,
+                   encoder.mask_reasoning, encoder.vocab_size, encoder.use_template_mask)
+
+    def keeps(self, row: int) -> bool:
+        return row % self.num_shards == self.shard_index
+
+
+class RenderProcess:
+    """A child process that renders rows for this process.
+
+    ``RenderProcess(tokenizer_dir, fingerprint)`` starts it; :meth:`ready` says, without
+    waiting, whether it has loaded the tokenizer (and that it is the same tokenizer:
+    ``fingerprint`` is :func:`~eagle3_target.shards.tokenizer_fingerprint` of the parent's);
+    :meth:`samples` hands it a job and yields what it renders; :meth:`close` ends it.
+    A child that fails before it is ready is never used (``failure`` says why); one that
+    fails after is an error of the dump (RuntimeError)."""
+
+    def __init__(self, tokenizer_dir: str, fingerprint: str):
+        import eagle3_target
+
+        self.fingerprint = fingerprint
+        self.failure: str | None = None
+        self.first_row: int | None = None
+        """The row the child took over at (None: it rendered nothing)."""
+        self.rows = 0
+        """Rows (samples and skipped) the child has rendered."""
+        self._ready = False
+        env = dict(os.environ)
+        # The child imports this package from wherever the parent did (an editable
+        # install, a PYTHONPATH), and never claims a GPU.
+        pkg_root = str(Path(eagle3_target.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([pkg_root, *filter(None, [env.get("PYTHONPATH")])])
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "eagle3_target.data.render_process"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._in, self._out = self._proc.stdin, self._proc.stdout
+        self._frames = _FrameReader(self._out.fileno())
+        self._send({"tokenizer": tokenizer_dir})
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        try:
+            self._in.write(json.dumps(obj).encode() + b"\n")
+            self._in.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone; reading its output says why
+
+    def ready(self) -> bool:
+        """True once the child has loaded the same tokenizer; never blocks on it."""
+        if self._ready or self.failure is not None:
+            return self._ready
+        if not select.select([self._out], [], [], 0)[0]:
+            return False
+        kind, payload = self._frames.frame()
+        if kind == b"R":
+            got = json.loads(payload).get("fingerprint")
+            if got == self.fingerprint:
+                self._ready = True
+            else:
+                self.failure = "the child loaded a different tokenizer (fingerprint mismatch)"
+        elif kind == b"X":
+            self.failure = json.loads(payload).get("error", "unknown error")
+        else:
+            self.failure = f"the child exited before it was ready (exit code {self._proc.poll()})"
+        if self.failure is not None:
+            self.close()
+        return self._ready
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Blocks up to ``timeout`` seconds for :meth:`ready`."""
+        if not self._ready and self.failure is None:
+            select.select([self._out], [], [], timeout)
+        return self.ready()
+
+    def samples(self, job: RenderJob) -> Iterator[Sample | Skipped]:
+        """What :func:`~eagle3_target.data.chat.iter_samples` yields for ``job``'s rows, rendered
+        by the child. Call once, after :meth:`ready` returned True."""
+        if not self._ready:
+            raise RuntimeError("the render process is not ready")
+        self._send({"job": asdict(job)})
+        self.first_row = job.start
+        last = job.start - 1
+        while True:
+            kind, payload = self._frames.frame()
+            if kind == b"S":
+                row, n = _SAMPLE.unpack_from(payload)
+                if len(payload) != _SAMPLE.size + 5 * n:
+                    raise RuntimeError(f"the render process sent a malformed frame for row {row}")
+                ids = np.frombuffer(payload, dtype="<i4", count=n, offset=_SAMPLE.size).tolist()
+                mask = np.frombuffer(payload, dtype=np.uint8, count=n, offset=_SAMPLE.size + 4 * n).tolist()
+                last = row
+                self.rows += 1
+                yield Sample(row, ids, mask)
+            elif kind == b"K":
+                s = Skipped(**json.loads(payload))
+                last = s.row
+                self.rows += 1
+                yield s
+            elif kind == b"E":
+                return
+            elif kind == b"X":
+                raise RuntimeError(f"the render process failed after row {last}: "
+                                   f"{json.loads(payload).get('error')}")
+            else:
+                raise RuntimeError(f"the render process exited after row {last} without finishing "
+                                   f"(exit code {self._proc.wait()})")
+
+    def close(self) -> None:
+        for f in (self._in, self._out):
+            try:
+                f.close()
+            except OSError:
+                pass
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+
+    def __enter__(self) -> "RenderProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def iter_samples_handover(paths: Sequence[str | Path], encoder: ChatEncoder, *, start: int = 0,
+                          num_shards: int = 1, shard_index: int = 0,
+                          child: RenderProcess | None = None) -> Iterator[Sample | Skipped]:
+    """Samples and skipped rows in row order, as :func:`~eagle3_target.data.chat.iter_samples`
+    gives them with ``keep`` = rows ``r % num_shards == shard_index``: rendered here until
+    ``child`` is ready, by the child from the next row on."""
+    job = RenderJob.of(paths, encoder, start, num_shards, shard_index)
+    next_poll = 0.0
+    for raw in iter_raw_rows(paths, start=start, keep=job.keeps):
+        if child is not None and (now := time.monotonic()) >= next_poll:
+            next_poll = now + POLL_SECONDS
+            if child.ready():
+                yield from child.samples(RenderJob.of(paths, encoder, raw.index, num_shards, shard_index))
+                return
+        yield encode_row(raw, encoder)
+
+
+# --------------------------------------------------------------------------- frames
+
+
+class _FrameReader:
+    """Frames from a pipe, read in large chunks: one ``read`` (a GIL release, and a wait
+    to take it back from the engine) per chunk of many samples, not two per sample."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+        self.pos = 0
+
+    def _fill(self, need: int) -> bool:
+        while len(self.buf) - self.pos < need:
+            data = os.read(self.fd, 1 << 20)
+            if not data:
+                return False
+            if self.pos:
+                del self.buf[: self.pos]
+                self.pos = 0
+            self.buf += data
+        return True
+
+    def frame(self) -> tuple[bytes, bytes]:
+        """``(kind, payload)``; kind ``b""`` when the stream ended (the child exited)."""
+        if not self._fill(_HEADER.size):
+            return b"", b""
+        kind, n = _HEADER.unpack_from(self.buf, self.pos)
+        if not self._fill(_HEADER.size + n):
+            return b"", b""
+        start = self.pos + _HEADER.size
+        payload = bytes(self.buf[start : start + n])
+        self.pos = start + n
+        return kind, payload
+
+
+def _write_frame(f: BinaryIO, kind: bytes, payload: bytes) -> None:
+    f.write(_HEADER.pack(kind, len(payload)) + payload)
+    f.flush()
+
+
+def _sample_payload(s: Sample) -> bytes:
+    return (_SAMPLE.pack(s.row, len(s.input_ids)) + np.asarray(s.input_ids, dtype="<i4").tobytes()
+            + np.asarray(s.loss_mask, dtype=np.uint8).tobytes())
+
+
+# --------------------------------------------------------------------------- child
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when the parent dies, even where a process the
+    parent forked later still holds the pipes open."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def main() -> int:
+    _die_with_parent()
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print from a library goes to stderr, not into the frames
+    try:
+        from eagle3_target.data.chat import load_tokenizer
+        from eagle3_target.shards import tokenizer_fingerprint
+
+        first = sys.stdin.readline()
+        if not first:
+            return 0
+        tokenizer = load_tokenizer(json.loads(first)["tokenizer"])
+        _write_frame(out, b"R", json.dumps({"fingerprint": tokenizer_fingerprint(tokenizer)}).encode())
+        line = sys.stdin.readline()
+        if not line:
+            return 0  # the parent finished without us
+        job = RenderJob(**json.loads(line)["job"])
+        encoder = ChatEncoder(tokenizer, max_length=job.max_length, mask_reasoning=job.mask_reasoning,
+                              vocab_size=job.vocab_size, use_template_mask=job.use_template_mask)
+        if encoder.use_template_mask != job.use_template_mask:
+            raise RuntimeError("the child cannot use the template's assistant mask as the parent does")
+        for raw in iter_raw_rows(job.paths, start=job.start, keep=job.keeps):
+            item = encode_row(raw, encoder)
+            if isinstance(item, Sample):
+                _write_frame(out, b"S", _sample_payload(item))
+            else:
+                _write_frame(out, b"K", json.dumps(item.to_json()).encode())
+        _write_frame(out, b"E", b"")
+        return 0
+    except BrokenPipeError:
+        return 0  # the parent stopped reading: it is done or gone
+    except BaseException as e:  # told to the parent, which raises it
+        try:
+            _write_frame(out, b"X", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+        except OSError:
+            pass
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
