@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def test_kill9_at_random_moments_and_at_every_commit_step(tmp_path, data, refere
         bar = fresh.stderr
     assert "tok/s" in bar and "MB/s" in bar and f"/{N_ROWS} [" in bar  # the progress bar
     assert "dump complete" in r.stdout and "shards written" in r.stdout
+    assert re.search(r"after loading the target \(\d+\.\d s\): [\d,]+ tokens/s", r.stdout), r.stdout
     check_no_rewrite()
     assert files_of(out) == files_of(ref)
     assert not list(out.glob(".tmp-*"))

@@ -157,6 +157,7 @@ def test_a_dump_rendered_by_the_child_is_byte_identical(tmp_path, tiny_target, t
     files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")}  # noqa: E731
     assert files(tmp_path / "thread") == files(tmp_path / "process")
     assert "rows rendered by a child process" in "\n".join(b.lines())
+    assert b.run_load_seconds == 0 and "after loading the target" not in "\n".join(b.lines())  # none loaded
 
 
 def test_render_settings_are_checked(tmp_path, tiny_target, tok):

@@ -371,6 +371,8 @@ class DumpSummary:
     run_tokens: int = 0
     run_bytes: int = 0
     run_seconds: float = 0.0
+    run_load_seconds: float = 0.0
+    """Of ``run_seconds``, loading the target (0 when a loaded one was passed in)."""
     shards_written: int = 0
     shards_adopted: int = 0
     shards_repaired: int = 0
@@ -401,6 +403,10 @@ class DumpSummary:
             f"adopted {self.shards_adopted}, repaired {self.shards_repaired}"
             + (f"; {self.run_child_rows:,} rows rendered by a child process" if self.run_child_rows else ""),
         ]
+        if self.run_load_seconds > 0 and self.run_seconds > self.run_load_seconds:
+            work = self.run_seconds - self.run_load_seconds
+            out.append(f"  after loading the target ({self.run_load_seconds:.1f} s): "
+                       f"{self.run_tokens / work:,.0f} tokens/s, {self.run_bytes / work / 1e6:,.1f} MB/s")
         skipped = report.lines()
         return out + ([f"  {s}" for s in skipped] if skipped else ["  no rows skipped"])
 
@@ -806,8 +812,11 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
     own_source = source is None
     child = _start_render_process(cfg, tokenizer, tokenizer_dir, _engine_on_gpu(cfg, source))
     try:
+        load_seconds = 0.0
         if own_source:
+            t_load = time.perf_counter()
             source = _load_source(cfg)
+            load_seconds = time.perf_counter() - t_load
         v = getattr(source, "vocab_size", None)
         if mapping is not None and v is not None and mapping.target_vocab_size != v:
             raise ValueError(f"--vocab maps a vocabulary of {mapping.target_vocab_size} tokens but the "
@@ -846,7 +855,9 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock(out, cfg)
         try:
-            return _run_locked(cfg, source, encoder, mapping, config, existing, tokenizer, child, t_start, log)
+            summary = _run_locked(cfg, source, encoder, mapping, config, existing, tokenizer, child, t_start, log)
+            summary.run_load_seconds = load_seconds
+            return summary
         finally:
             os.close(lock)
     finally:
