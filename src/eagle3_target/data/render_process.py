@@ -280,6 +280,8 @@ def main() -> int:
     _die_with_parent()
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print from a library goes to stderr, not into the frames
+    # The parent loaded the same tokenizer and showed its warnings once already.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from eagle3_target.data.chat import load_tokenizer
         from eagle3_target.shards import tokenizer_fingerprint
