@@ -292,9 +292,9 @@ def main() -> None:
                 if set_variant.child_ready:
                     import eagle3_target.dump as d
                     from eagle3_target.data.render_process import RenderProcess
-                    from eagle3_target.shards import tokenizer_fingerprint
+                    from eagle3_target.data.chat import tokenizer_class_name, tokenizer_fingerprint
 
-                    child = RenderProcess(model_dir, tokenizer_fingerprint(tok))
+                    child = RenderProcess(model_dir, tokenizer_fingerprint(tok), tokenizer_class_name(tok))
                     if not child.wait_ready(120):
                         raise SystemExit(f"the render process did not start: {child.failure}")
                     d._start_render_process = lambda *a, _c=child: _c

@@ -17,10 +17,11 @@ import pytest
 
 import eagle3_target.data.render_process as rp
 from batches import first_sample_chats
-from eagle3_target.data.chat import ChatEncoder, Sample, Skipped, iter_samples, sample_data_path
+from eagle3_target.data.chat import (
+    ChatEncoder, Sample, Skipped, iter_samples, sample_data_path, tokenizer_class_name, tokenizer_fingerprint,
+)
 from eagle3_target.data.render_process import RenderJob, RenderProcess, iter_samples_handover
 from eagle3_target.dump import DumpConfig, run_dump
-from eagle3_target.shards import tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def mixed_file(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def child(tiny_model_dir, tok):
-    with RenderProcess(str(tiny_model_dir), tokenizer_fingerprint(tok)) as c:
+    with RenderProcess(str(tiny_model_dir), tokenizer_fingerprint(tok), tokenizer_class_name(tok)) as c:
         assert c.wait_ready(120), c.failure
         yield c
 
@@ -60,7 +61,7 @@ def test_handover_at_any_row_gives_the_same_stream(tiny_model_dir, tok, mixed_fi
     want = list(iter_samples([mixed_file], enc))
     monkeypatch.setattr(rp, "POLL_SECONDS", 0.0)  # ask at every row
     for k in (0, 1, 16, len(want) - 1):
-        with RenderProcess(str(tiny_model_dir), tokenizer_fingerprint(tok)) as c:
+        with RenderProcess(str(tiny_model_dir), tokenizer_fingerprint(tok), tokenizer_class_name(tok)) as c:
             assert c.wait_ready(120)
             polls = [0]
             real_ready = c.ready
@@ -73,6 +74,33 @@ def test_handover_at_any_row_gives_the_same_stream(tiny_model_dir, tok, mixed_fi
             got = list(iter_samples_handover([mixed_file], enc, child=c))
             assert got == want, k
             assert c.first_row == want[k].row and c.rows == len(want) - k
+
+
+def test_a_child_whose_render_differs_is_dropped_at_the_handover(tiny_model_dir, tok, mixed_file, monkeypatch):
+    enc = ChatEncoder(tok, max_length=48)
+    want = list(iter_samples([mixed_file], enc))
+    of = RenderJob.of
+
+    def longer(paths, encoder, start, num_shards, shard_index):  # the child truncates elsewhere
+        job = of(paths, encoder, start, num_shards, shard_index)
+        return RenderJob(**{**job.__dict__, "max_length": 96})
+
+    monkeypatch.setattr(RenderJob, "of", staticmethod(longer))
+    with RenderProcess(str(tiny_model_dir), tokenizer_fingerprint(tok), tokenizer_class_name(tok)) as c:
+        assert c.wait_ready(120)
+        got = list(iter_samples_handover([mixed_file], enc, child=c))
+        assert "its render of row 0 differs" in c.failure and c.rows == 0
+    assert got == want
+
+
+def test_the_child_loads_the_tokenizer_class_directly_without_torch(tiny_model_dir, tok):
+    code = ("import sys\n"
+            "from eagle3_target.data.chat import load_tokenizer, tokenizer_fingerprint\n"
+            f"t = load_tokenizer({str(tiny_model_dir)!r}, {tokenizer_class_name(tok)!r})\n"
+            "print(tokenizer_fingerprint(t), 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [tokenizer_fingerprint(tok), "False"]
 
 
 def test_a_child_that_cannot_start_is_never_used(tiny_model_dir, tok, tmp_path):

@@ -51,6 +51,8 @@ from eagle3_target.data.chat import (
     count_rows,
     sample_data_path,
     scan,
+    tokenizer_class_name,
+    tokenizer_fingerprint,
 )
 from eagle3_target.data.render_process import RenderProcess, iter_samples_handover
 from eagle3_target.shards import (
@@ -71,7 +73,6 @@ from eagle3_target.shards import (
     save_lm_head,
     sha256_file,
     threaded_pinning,
-    tokenizer_fingerprint,
     write_atomic,
 )
 
@@ -887,7 +888,7 @@ def _start_render_process(cfg: DumpConfig, tokenizer: Any, tokenizer_dir: str | 
             raise ValueError("--render process needs the tokenizer's folder (--tokenizer or --model), "
                              "which the child loads")
         return None
-    return RenderProcess(str(tokenizer_dir), tokenizer_fingerprint(tokenizer))
+    return RenderProcess(str(tokenizer_dir), tokenizer_fingerprint(tokenizer), tokenizer_class_name(tokenizer))
 
 
 def _in_process(source: Any) -> bool:

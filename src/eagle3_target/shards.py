@@ -150,14 +150,6 @@ def config_sha256(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(tokenizer.get_chat_template()).encode())
-    h.update(json.dumps(list(getattr(tokenizer, "all_special_ids", []))).encode())
-    return h.hexdigest()
-
-
 def model_fingerprint(path: str) -> str:
     """Hash of config.json and the names and sizes of the weight files (hashing the
     weights themselves would cost minutes on a large model)."""

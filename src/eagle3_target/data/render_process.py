@@ -11,14 +11,18 @@ take it back: on an H100 the 8B target ran 6-13% slower inside a dump than alone
 2-5% slower with this child (docs/benchmarks.md). In a child the template runs on a
 core of its own, and the parent only unpacks frames of token ids.
 
-Why a handover: the child needs seconds to import transformers and load the tokenizer,
-so the parent renders rows itself until the child says it is ready, then hands over at
-its next row. Both sides run the same :class:`ChatEncoder` settings on the same tokenizer
-(the child proves it with the tokenizer's fingerprint), so the samples, and the dump's
-bytes, do not depend on when the handover happens.
+Why a handover: the child needs time to start (it loads the parent's tokenizer class
+directly, without ``AutoTokenizer``'s imports of torch and model configurations, but
+that is still ~0.5 s here and more on a loaded GPU host), so the parent renders rows
+itself until the child says it is ready, then hands over at its next row. Both sides run
+the same :class:`ChatEncoder` settings on the same tokenizer: the child proves it with
+the tokenizer's fingerprint, and the parent renders the handover row itself too and
+drops a child whose render of it differs. So the samples, and the dump's bytes, do not
+depend on when (or whether) the handover happens.
 
 Protocol, no pickles: the parent writes two JSON lines to the child's stdin, first
-``{"tokenizer": DIR}``, then (once the child is ready) a :class:`RenderJob`. The child
+``{"tokenizer": DIR, "class": "module:qualname"}``, then (once the child is ready) a
+:class:`RenderJob`. The child
 answers with frames on its stdout, ``kind (1 byte) | payload length (uint64 LE) |
 payload``:
 
@@ -82,14 +86,16 @@ class RenderJob:
 class RenderProcess:
     """A child process that renders rows for this process.
 
-    ``RenderProcess(tokenizer_dir, fingerprint)`` starts it; :meth:`ready` says, without
-    waiting, whether it has loaded the tokenizer (and that it is the same tokenizer:
-    ``fingerprint`` is :func:`~eagle3_target.shards.tokenizer_fingerprint` of the parent's);
+    ``RenderProcess(tokenizer_dir, fingerprint, tokenizer_class)`` starts it; :meth:`ready`
+    says, without waiting, whether it has loaded the tokenizer (and that it is the same
+    tokenizer: ``fingerprint`` is :func:`~eagle3_target.data.chat.tokenizer_fingerprint`
+    of the parent's; ``tokenizer_class`` its :func:`~eagle3_target.data.chat.tokenizer_class_name`,
+    None to resolve it with ``AutoTokenizer``);
     :meth:`samples` hands it a job and yields what it renders; :meth:`close` ends it.
     A child that fails before it is ready is never used (``failure`` says why); one that
     fails after is an error of the dump (RuntimeError)."""
 
-    def __init__(self, tokenizer_dir: str, fingerprint: str):
+    def __init__(self, tokenizer_dir: str, fingerprint: str, tokenizer_class: str | None = None):
         import eagle3_target
 
         self.fingerprint = fingerprint
@@ -111,7 +117,7 @@ class RenderProcess:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._in, self._out = self._proc.stdin, self._proc.stdout
         self._frames = _FrameReader(self._out.fileno())
-        self._send({"tokenizer": tokenizer_dir})
+        self._send({"tokenizer": tokenizer_dir, "class": tokenizer_class})
 
     def _send(self, obj: dict[str, Any]) -> None:
         try:
@@ -180,6 +186,11 @@ class RenderProcess:
                 raise RuntimeError(f"the render process exited after row {last} without finishing "
                                    f"(exit code {self._proc.wait()})")
 
+    def reject(self, why: str) -> None:
+        """Stops using the child (``failure`` says why); what it rendered does not count."""
+        self.failure, self._ready, self.rows, self.first_row = why, False, 0, None
+        self.close()
+
     def close(self) -> None:
         for f in (self._in, self._out):
             try:
@@ -206,12 +217,19 @@ def iter_samples_handover(paths: Sequence[str | Path], encoder: ChatEncoder, *, 
     job = RenderJob.of(paths, encoder, start, num_shards, shard_index)
     next_poll = 0.0
     for raw in iter_raw_rows(paths, start=start, keep=job.keeps):
+        mine = None
         if child is not None and (now := time.monotonic()) >= next_poll:
             next_poll = now + POLL_SECONDS
             if child.ready():
-                yield from child.samples(RenderJob.of(paths, encoder, raw.index, num_shards, shard_index))
-                return
-        yield encode_row(raw, encoder)
+                theirs = child.samples(RenderJob.of(paths, encoder, raw.index, num_shards, shard_index))
+                mine = encode_row(raw, encoder)
+                if next(theirs, None) == mine:
+                    yield mine
+                    yield from theirs
+                    return
+                child.reject(f"its render of row {raw.index} differs from this process's")
+                child = None
+        yield mine if mine is not None else encode_row(raw, encoder)
 
 
 # --------------------------------------------------------------------------- frames
@@ -283,13 +301,13 @@ def main() -> int:
     # The parent loaded the same tokenizer and showed its warnings once already.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        from eagle3_target.data.chat import load_tokenizer
-        from eagle3_target.shards import tokenizer_fingerprint
+        from eagle3_target.data.chat import load_tokenizer, tokenizer_fingerprint
 
         first = sys.stdin.readline()
         if not first:
             return 0
-        tokenizer = load_tokenizer(json.loads(first)["tokenizer"])
+        spec = json.loads(first)
+        tokenizer = load_tokenizer(spec["tokenizer"], spec.get("class"))
         _write_frame(out, b"R", json.dumps({"fingerprint": tokenizer_fingerprint(tokenizer)}).encode())
         line = sys.stdin.readline()
         if not line:
