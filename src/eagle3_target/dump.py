@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from eagle3_target.contract import Eagle3TargetBatch, LMHead
@@ -165,8 +166,7 @@ class DumpConfig:
     ``thread`` otherwise. A GPU engine launches kernels from Python, and a render thread
     sharing its GIL slows it (docs/benchmarks.md); on the CPU the engine's ops are long
     and a child would only take a core from it; with ``server`` no engine shares the GIL.
-    The child is started before the engine loads, so its start (seconds of imports)
-    overlaps the load."""
+    The child is started before the engine loads, so its start overlaps the load."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -415,8 +415,6 @@ class DumpSummary:
 def pack_batch(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` of ``samples``, each
     ``[B,S] int64``: what the dump hands the target."""
-    import numpy as np
-
     # Built in numpy, then handed to torch whole: a torch op per row would drop and
     # retake the GIL hundreds of times a batch on the read-ahead thread, and each time
     # the engine's launching thread waits to get it back.
