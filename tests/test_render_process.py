@@ -56,6 +56,20 @@ def test_child_renders_what_this_process_renders(child, tok, mixed_file, templat
     assert child.rows == len(want) and child.first_row == 4
 
 
+def test_child_reads_parquet_and_jsonl_across_files_like_this_process(child, tok, mixed_file, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in sample_data_path().read_text().splitlines()[:30]]
+    rows = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]} for r in rows]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    paths = [tmp_path / "a.parquet", mixed_file]
+    enc = ChatEncoder(tok, max_length=128)
+    want = list(iter_samples(paths, enc, start=20, keep=lambda i: i % 2 == 0))
+    got = list(child.samples(RenderJob.of(paths, enc, 20, num_shards=2, shard_index=0)))
+    assert got == want and {s.row for s in got} >= {20, 28, 30, 32}  # rows from both files
+
+
 def test_handover_at_any_row_gives_the_same_stream(tiny_model_dir, tok, mixed_file, monkeypatch):
     enc = ChatEncoder(tok, max_length=96)
     want = list(iter_samples([mixed_file], enc))
