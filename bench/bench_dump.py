@@ -136,13 +136,7 @@ def set_variant(name: str) -> None:
         if part == "inline-hash":
             sh.stream_to_file.__defaults__ = (1 << 62,)
         elif part == "sync-copy":
-            def submit(self, flat):
-                from concurrent.futures import Future
-                from eagle3_target.shards import host_copy
-                f = Future()
-                f.set_result({k: host_copy(v) for k, v in flat.items()})
-                return f
-            d._HostCopier.submit = submit
+            d._HostCopier.submit = lambda self, flat: d._done({k: sh.host_copy(v) for k, v in flat.items()})
         elif part == "no-read-ahead":
             d.read_ahead = lambda items, depth: items
         elif part.startswith("switch-"):  # e.g. switch-0.5ms: the GIL's switch interval
@@ -291,10 +285,8 @@ def main() -> None:
                     breakdown.acc.clear()
                 if set_variant.child_ready:
                     import eagle3_target.dump as d
-                    from eagle3_target.data.render_process import RenderProcess
-                    from eagle3_target.data.chat import tokenizer_class_name, tokenizer_fingerprint
 
-                    child = RenderProcess(model_dir, tokenizer_fingerprint(tok), tokenizer_class_name(tok))
+                    child = set_variant.orig["start_render"](cfg, tok, model_dir, True)
                     if not child.wait_ready(120):
                         raise SystemExit(f"the render process did not start: {child.failure}")
                     d._start_render_process = lambda *a, _c=child: _c

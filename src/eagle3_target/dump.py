@@ -54,6 +54,7 @@ from eagle3_target.data.chat import (
     scan,
     tokenizer_class_name,
     tokenizer_fingerprint,
+    worker_owns,
 )
 from eagle3_target.data.render_process import RenderProcess, iter_samples_handover
 from eagle3_target.shards import (
@@ -216,7 +217,7 @@ class DumpConfig:
         return f"shard{self.worker_tag}-{j:05d}.safetensors"
 
     def owns(self, row: int) -> bool:
-        return row % self.num_shards == self.shard_index
+        return worker_owns(row, self.num_shards, self.shard_index)
 
 
 # --------------------------------------------------------------------------- modes
@@ -874,7 +875,7 @@ def _engine_on_gpu(cfg: DumpConfig, source: TargetSource | None) -> bool:
         return not cfg.server and not str(cfg.device or "").startswith("cpu") and torch.cuda.is_available()
     if not _in_process(source):
         return False
-    return source._runner.input_embedding_weight().device.type == "cuda"
+    return source.get_input_embeddings().weight.device.type == "cuda"
 
 
 def _start_render_process(cfg: DumpConfig, tokenizer: Any, tokenizer_dir: str | None,

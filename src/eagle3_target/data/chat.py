@@ -148,6 +148,12 @@ def count_rows(paths: Sequence[str | Path]) -> int:
     return n
 
 
+def worker_owns(row: int, num_shards: int, shard_index: int) -> bool:
+    """Whether worker ``shard_index`` of ``num_shards`` handles data row ``row``: the
+    dump's split of the rows over independent workers (``--num-shards/--shard-index``)."""
+    return row % num_shards == shard_index
+
+
 def iter_raw_rows(
     paths: Sequence[str | Path], *, start: int = 0, keep: Callable[[int], bool] | None = None
 ) -> Iterator[RawRow]:

@@ -42,13 +42,15 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from eagle3_target.data.chat import ChatEncoder, Sample, Skipped, encode_row, iter_raw_rows
+from eagle3_target.data.chat import (
+    ChatEncoder, Sample, Skipped, encode_row, iter_raw_rows, load_tokenizer, tokenizer_fingerprint, worker_owns,
+)
 
 __all__ = ["RenderJob", "RenderProcess", "iter_samples_handover", "main"]
 
@@ -79,8 +81,17 @@ class RenderJob:
         return cls([str(p) for p in paths], start, num_shards, shard_index, encoder.max_length,
                    encoder.mask_reasoning, encoder.vocab_size, encoder.use_template_mask)
 
+    def encoder(self, tokenizer: Any) -> ChatEncoder:
+        """The :class:`ChatEncoder` that :meth:`of` read these settings from, rebuilt on
+        ``tokenizer`` (the child's)."""
+        enc = ChatEncoder(tokenizer, max_length=self.max_length, mask_reasoning=self.mask_reasoning,
+                          vocab_size=self.vocab_size, use_template_mask=self.use_template_mask)
+        if enc.use_template_mask != self.use_template_mask:
+            raise RuntimeError("the child cannot use the template's assistant mask as the parent does")
+        return enc
+
     def keeps(self, row: int) -> bool:
-        return row % self.num_shards == self.shard_index
+        return worker_owns(row, self.num_shards, self.shard_index)
 
 
 class RenderProcess:
@@ -221,7 +232,7 @@ def iter_samples_handover(paths: Sequence[str | Path], encoder: ChatEncoder, *, 
         if child is not None and (now := time.monotonic()) >= next_poll:
             next_poll = now + POLL_SECONDS
             if child.ready():
-                theirs = child.samples(RenderJob.of(paths, encoder, raw.index, num_shards, shard_index))
+                theirs = child.samples(replace(job, start=raw.index))
                 mine = encode_row(raw, encoder)
                 if next(theirs, None) == mine:
                     yield mine
@@ -301,8 +312,6 @@ def main() -> int:
     # The parent loaded the same tokenizer and showed its warnings once already.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        from eagle3_target.data.chat import load_tokenizer, tokenizer_fingerprint
-
         first = sys.stdin.readline()
         if not first:
             return 0
@@ -313,10 +322,7 @@ def main() -> int:
         if not line:
             return 0  # the parent finished without us
         job = RenderJob(**json.loads(line)["job"])
-        encoder = ChatEncoder(tokenizer, max_length=job.max_length, mask_reasoning=job.mask_reasoning,
-                              vocab_size=job.vocab_size, use_template_mask=job.use_template_mask)
-        if encoder.use_template_mask != job.use_template_mask:
-            raise RuntimeError("the child cannot use the template's assistant mask as the parent does")
+        encoder = job.encoder(tokenizer)
         for raw in iter_raw_rows(job.paths, start=job.start, keep=job.keeps):
             item = encode_row(raw, encoder)
             if isinstance(item, Sample):
