@@ -1,11 +1,16 @@
 """Inputs shared by several test modules: padded id batches, sample-chat files and a
-draft vocabulary built from them."""
+draft vocabulary built from them; and a dump folder's files, for byte comparisons."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+
+def files_of(d: Path) -> dict[str, bytes]:
+    """A dump folder's files by name, bytes and all (its hidden lock and temp files left out)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if not p.name.startswith(".")}
 
 
 def right_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int = 0):

@@ -11,7 +11,7 @@ import torch
 
 from eagle3_target.cli import main as cli_main
 from eagle3_target.data.chat import ChatEncoder, iter_samples
-from batches import draft_vocab_file, first_sample_chats
+from batches import draft_vocab_file, files_of, first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
 from eagle3_target.shards import read_manifest
 from eagle3_target.verify import verify_dump
@@ -35,10 +35,6 @@ def mapping_file(tmp_path_factory, tiny_target, tok, data_file) -> Path:
 def dump(out, target, tok, data, **kw):
     cfg = DumpConfig(out=str(out), data=[str(d) for d in data], **kw)
     return run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
-
-
-def files_of(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if not p.name.startswith(".")}
 
 
 def stats_of(d: Path) -> dict[str, tuple[int, int]]:

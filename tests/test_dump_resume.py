@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from batches import first_sample_chats
+from batches import files_of, first_sample_chats
 from eagle3_target.shards import KILL_ENV, read_manifest
 
 N_ROWS = 300
@@ -33,10 +33,6 @@ def env(**kw: str) -> dict[str, str]:
     e.pop(KILL_ENV, None)
     e.update(kw)
     return e
-
-
-def files_of(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")}
 
 
 def finished_shards(d: Path) -> dict[str, tuple[int, int]]:

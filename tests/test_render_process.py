@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import eagle3_target.data.render_process as rp
-from batches import first_sample_chats
+from batches import files_of, first_sample_chats
 from eagle3_target.data.chat import (
     ChatEncoder, Sample, Skipped, iter_samples, sample_data_path, tokenizer_class_name, tokenizer_fingerprint,
 )
@@ -196,8 +196,7 @@ def test_a_dump_rendered_by_the_child_is_byte_identical(tmp_path, tiny_target, t
     b = run("process", tmp_path / "process")
     assert a.run_child_rows == 0
     assert b.run_child_rows > 0, "the child never took over: the test shows nothing"
-    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")}  # noqa: E731
-    assert files(tmp_path / "thread") == files(tmp_path / "process")
+    assert files_of(tmp_path / "thread") == files_of(tmp_path / "process")
     assert "rows rendered by a child process" in "\n".join(b.lines())
     assert b.run_load_seconds == 0 and "after loading the target" not in "\n".join(b.lines())  # none loaded
 
