@@ -378,3 +378,26 @@ def test_pin_threads_are_checked_and_a_cpu_dump_leaves_torch_alone(tmp_path, tin
     copier.prepare_pinning()
     copier.prepare_pinning()
     assert seen == ["pinned_use_cuda_host_register:True,pinned_num_register_threads:16"]
+
+
+def test_load_time_counts_from_the_start_so_the_rate_after_it_excludes_the_tokenizer(
+        tmp_path, tiny_model_dir, data_file, monkeypatch):
+    # A dump that loads its own target reports the rate after the load; the tokenizer's
+    # load (seconds of transformers imports on a GPU host) comes before it and must fall
+    # on the load's side, not in the dump's rate.
+    import time
+
+    import eagle3_target.data.chat as chat
+
+    real = chat.load_tokenizer
+
+    def slow(*a, **k):
+        time.sleep(2.0)  # longer than the tiny model's own load
+        return real(*a, **k)
+
+    monkeypatch.setattr(chat, "load_tokenizer", slow)
+    s = run_dump(DumpConfig(out=str(tmp_path / "d"), data=[str(data_file)], model=str(tiny_model_dir)),
+                 log=lambda m: None)
+    assert s.complete and s.run_samples > 0
+    assert 2.0 <= s.run_load_seconds < s.run_seconds
+    assert "after loading the target" in "\n".join(s.lines())
