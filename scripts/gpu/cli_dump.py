@@ -1,7 +1,10 @@
 """Runs ``eagle3-target dump`` exactly as the CLI does (stage ``cli-dump`` of
 sglang_device.sh), then prints torch's pinned-pool figures for the process and, with
 ``CLI_BREAKDOWN=1``, where the dump's main thread spent its time (bench_dump's
-``Breakdown``) and a timeline of the engine calls: what a plain CLI run cannot show."""
+``Breakdown``) and a timeline of the engine calls: what a plain CLI run cannot show.
+With ``CLI_STACKS=PATH`` as well, every thread's stack goes to ``PATH.<pid>`` each 2 s
+over the first 20 forwards (how flashinfer's rmsnorm build in the first forward was
+found)."""
 import os
 import sys
 import time
@@ -60,8 +63,8 @@ if breakdown is not None and calls:
           + breakdown.report(t_end - first).split("; pinned pool")[0])
     n = len(calls)
     step = max(1, n // 10)
-    print(f"engine calls ({n}, padded tokens): [from s, to s] engine s, wall s, engine padded tok/s")
     print("first 20 calls (s): " + " ".join(f"{c[1]:.2f}" for c in calls[:20]))
+    print(f"engine calls ({n}, padded tokens): [from s, to s] engine s, wall s, engine padded tok/s")
     for i in range(0, n, step):
         part = calls[i:i + step]
         wall_end = calls[i + step][0] if i + step < n else t_end

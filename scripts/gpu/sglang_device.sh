@@ -92,6 +92,7 @@ for stage in "$@"; do
     cli-dump)
       # The CLI end to end on the 8B shape (engine load included): its summary says how many
       # rows the render process took (all of them when its start overlapped the engine load).
+      # CLI_BREAKDOWN=1 and CLI_STACKS=$OUT/stacks: see scripts/gpu/cli_dump.py.
       [ -d /tmp/llama8b ] || { step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
         step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
         cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/; }
