@@ -86,12 +86,14 @@ class Breakdown:
                 self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t0
         return timed
 
-    def report(self, total: float) -> str:
+    def report(self, total: float, host_pool: bool = True) -> str:
+        """The main thread's split of ``total`` seconds and (``host_pool``) the pinned pool's
+        growth since the last report."""
         parts = [f"{k} {v:.2f} s" for k, v in self.acc.items()]
         rest = total - sum(self.acc.values())
         self.acc.clear()
         host = ""
-        if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
+        if host_pool and torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
             st = torch.cuda.host_memory_stats()
             host = (f"; pinned pool {st.get('allocated_bytes.current', 0) / 2**30:.1f} GiB, grown by "
                     f"{st.get('num_host_alloc', 0)} allocations in this run "

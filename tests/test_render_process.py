@@ -5,6 +5,7 @@ parent; and a dump that uses it is byte-identical to one that does not."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -97,7 +98,7 @@ def test_a_child_whose_render_differs_is_dropped_at_the_handover(tiny_model_dir,
 
     def longer(paths, encoder, start, num_shards, shard_index):  # the child truncates elsewhere
         job = of(paths, encoder, start, num_shards, shard_index)
-        return RenderJob(**{**job.__dict__, "max_length": 96})
+        return dataclasses.replace(job, max_length=96)
 
     monkeypatch.setattr(RenderJob, "of", staticmethod(longer))
     with RenderProcess(str(tiny_model_dir), tokenizer_fingerprint(tok), tokenizer_class_name(tok)) as c:

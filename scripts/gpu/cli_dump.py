@@ -60,7 +60,7 @@ if torch.cuda.is_available():
 if breakdown is not None and calls:
     first = calls[0][0]
     print(f"first engine call {first - t_start:.2f} s after the start; from there to the end: {t_end - first:.2f} s; "
-          + breakdown.report(t_end - first).split("; pinned pool")[0])
+          + breakdown.report(t_end - first, host_pool=False))  # the pool: the line above
     n = len(calls)
     step = max(1, n // 10)
     print("first 20 calls (s): " + " ".join(f"{c[1]:.2f}" for c in calls[:20]))

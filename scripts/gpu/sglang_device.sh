@@ -40,6 +40,15 @@ step() {  # step SECONDS CMD...: a hang in one stage must not eat the whole call
   [ $status = 0 ] || { echo "== FAILED ($status): $*"; rc=1; }
   return $status
 }
+chat_target_8b() {  # the 8B shape at /tmp/llama8b (built once per machine) with a tokenizer to render chats
+  # The 8B shape has no tokenizer of its own: borrow the tiny model's (its ids all lie
+  # below the 8B vocabulary). Checked by file, as another stage may have built the model alone.
+  [ -f /tmp/llama8b/config.json ] || step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
+  if [ ! -f /tmp/llama8b/tokenizer_config.json ]; then
+    [ -d /tmp/tiny-peaked ] || step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+    cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/
+  fi
+}
 for stage in "$@"; do
   case $stage in
     validate-tiny)
@@ -65,11 +74,7 @@ for stage in "$@"; do
         --engine-arg attention_backend=triton \
         | tee "$OUT/bench_server.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-dump)
-      step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
-      # The 8B shape has no tokenizer of its own: borrow the tiny model's (its ids all lie
-      # below the 8B vocabulary) so the dump can render the sample chats.
-      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
-      cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/
+      chat_target_8b
       step 420 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
         --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 0 --batch-tokens 16384 \
         --draft-vocab-size 32000 --engine-arg attention_backend=triton \
@@ -78,9 +83,7 @@ for stage in "$@"; do
     bench-dump-large)
       # Hidden mode on DUMP_COPIES (10) x the sample chats (~385k tokens), so the dump's fixed costs
       # (writing the 1 GB LM head once, start-up) weigh as little as in a real dump.
-      [ -d /tmp/llama8b ] || { step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
-        step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
-        cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/; }
+      chat_target_8b
       chats=$G/code/src/eagle3_target/data/sample_chats.jsonl
       for i in $(seq ${DUMP_COPIES:-10}); do cat "$chats"; done > /tmp/chats-large.jsonl
       step 560 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
@@ -93,9 +96,7 @@ for stage in "$@"; do
       # The CLI end to end on the 8B shape (engine load included): its summary says how many
       # rows the render process took (all of them when its start overlapped the engine load).
       # CLI_BREAKDOWN=1 and CLI_STACKS=$OUT/stacks: see scripts/gpu/cli_dump.py.
-      [ -d /tmp/llama8b ] || { step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
-        step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
-        cp /tmp/tiny-peaked/*token* /tmp/tiny-peaked/*.jinja /tmp/llama8b/; }
+      chat_target_8b
       for i in $(seq ${CLI_COPIES:-4}); do cat "$G/code/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-cli.jsonl
       rm -rf /tmp/cli-dump
       step 300 python3 "$S/cli_dump.py" dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
