@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The built-in tiny Llama (8 layers, hidden 128, vocab 2048), fp32 on disk."""
-    from eagle3_target.data.tiny import tiny_model_path
+    from eagle3_target.tiny import tiny_model_path
 
     return tiny_model_path("tiny")
 

@@ -24,7 +24,7 @@ from eagle3_target.data.chat import (
     sample_data_path,
     scan,
 )
-from eagle3_target.data.tiny import CHAT_TEMPLATE
+from eagle3_target.tiny import CHAT_TEMPLATE
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 

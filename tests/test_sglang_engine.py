@@ -15,7 +15,7 @@ import torch
 
 import fake_sglang
 from eagle3_target import Eagle3TargetModel
-from eagle3_target.data.tiny import tiny_model_path
+from eagle3_target.tiny import tiny_model_path
 from eagle3_target.engines import hf as hf_engine
 from eagle3_target.engines import sglang as sg
 

@@ -77,7 +77,7 @@ def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
 def resolve_model(path: str | None) -> str:
     """The model directory, or the built-in tiny model's cache folder when ``path`` is None."""
     if path is None:
-        from eagle3_target.data.tiny import tiny_model_path
+        from eagle3_target.tiny import tiny_model_path
 
         return str(tiny_model_path())
     if not Path(path).is_dir():
@@ -124,7 +124,7 @@ def human_bytes(n: float) -> str:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from eagle3_target.data.tiny import TinyModelConfig, make_tiny_model
+    from eagle3_target.tiny import TinyModelConfig, make_tiny_model
 
     _quiet_transformers()
     cfg = TinyModelConfig(layers=args.layers, hidden=args.hidden, heads=args.heads,

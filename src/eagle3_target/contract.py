@@ -15,7 +15,8 @@ Owns what every engine and every transport shares:
 - input validation, done before any work so bad input changes nothing.
 
 Nothing here imports an engine: engines register by name in :mod:`eagle3_target.engines`
-and are imported lazily.
+and are imported lazily (:meth:`Eagle3TargetModel.from_pretrained`); the engines
+package imports nothing from here at run time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from types import SimpleNamespace
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from eagle3_target.engines.common import text_config
 
 __all__ = [
     "TargetRunner",
@@ -36,6 +39,8 @@ __all__ = [
     "validate_aux_layer_ids",
     "validate_batch_inputs",
     "shift_left_with_zero",
+    "zero_tail",
+    "right_padded",
 ]
 
 
@@ -193,9 +198,28 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- batch
 
 
-def shift_left_with_zero(t: torch.Tensor) -> torch.Tensor:
-    """``out[:, i] = t[:, i+1]`` and ``out[:, -1] = 0`` (the EAGLE-3 next-token alignment)."""
-    return torch.cat((t[:, 1:], torch.zeros_like(t[:, :1])), dim=1)
+def shift_left_with_zero(t: torch.Tensor, lengths: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """The EAGLE-3 next-token alignment of a ``[B,S,...]`` tensor: ``out[:, i] = t[:, i+1]``
+    and ``out[:, -1] = 0``. With ``lengths`` (each right-padded row's real tokens), every
+    row is zero from its own last real position on (:func:`zero_tail`): what a batch of
+    that row alone gives. The one shift of the project: the contract, the server, the
+    client and the dump all call it."""
+    out = torch.cat((t[:, 1:], torch.zeros_like(t[:, :1])), dim=1)
+    return out if lengths is None else zero_tail(out, lengths)
+
+
+def zero_tail(shifted: torch.Tensor, lengths: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """Zeroes, in place, each row of a shifted ``[B,S,...]`` tensor from position
+    ``lengths[r] - 1`` on (the last real token has no next token to predict), or only the
+    last column when ``lengths`` is None; returns the tensor. One masked fill, not a
+    kernel per row (batches reach hundreds of rows)."""
+    if lengths is None:
+        shifted[:, -1] = 0
+        return shifted
+    pos = torch.arange(shifted.shape[1], device=shifted.device)
+    last = torch.as_tensor(lengths, device=shifted.device).to(torch.int64).sub(1)
+    tail = (pos[None, :] >= last[:, None]).reshape(*shifted.shape[:2], *([1] * (shifted.dim() - 2)))
+    return shifted.masked_fill_(tail, 0)
 
 
 @dataclass
@@ -262,13 +286,6 @@ class LMHead:
 # --------------------------------------------------------------------------- model
 
 
-def _num_layers(config: Any) -> int:
-    text = getattr(config, "text_config", None)
-    if text is not None and getattr(text, "num_hidden_layers", None) is not None:
-        return int(text.num_hidden_layers)
-    return int(config.num_hidden_layers)
-
-
 class Eagle3TargetModel:
     """Supervision from any :class:`TargetRunner`, with the EAGLE-3 shift.
 
@@ -279,8 +296,8 @@ class Eagle3TargetModel:
     def __init__(self, runner: TargetRunner, aux_layer_ids: Sequence[int] | None = None):
         self._runner = runner
         self.model = runner.model
-        config = self.model.config
-        n = _num_layers(config)
+        config = text_config(self.model.config)
+        n = int(config.num_hidden_layers)
         ids = default_aux_layer_ids(n) if aux_layer_ids is None else aux_layer_ids
         self.aux_layer_ids: list[int] = validate_aux_layer_ids(ids, n)
         self.vocab_size: int = int(getattr(config, "vocab_size"))

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from eagle3_target import Eagle3TargetModel
-from eagle3_target.data.tiny import tiny_model_path
+from eagle3_target.tiny import tiny_model_path
 from eagle3_target.server.process import ServerProcess
 from server_helpers import MAX_BATCH_TOKENS, MAX_REQUEST_BYTES, server_args
 

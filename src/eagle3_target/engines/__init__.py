@@ -3,6 +3,11 @@
 Engines are imported lazily on first use, so ``import eagle3_target`` never imports
 SGLang (or any engine's heavy dependencies). A new engine adds one line to
 ``_ENGINES`` and a module exposing ``build(model_path, **kwargs) -> TargetRunner``.
+
+Shared helpers live beside it: :mod:`.common` (dtypes, text config, quiet
+transformers) and :mod:`.packing` (right-padding, row spans, gather and scatter).
+Nothing here imports the contract at run time, so the contract may call
+:func:`build_runner` without an import circle.
 """
 
 from __future__ import annotations
@@ -10,10 +15,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from eagle3_target.contract import TargetRunner
+from eagle3_target.engines.common import parse_dtype
 
 if TYPE_CHECKING:
-    import torch
+    from eagle3_target.contract import TargetRunner
 
 __all__ = ["ENGINES", "build_runner", "parse_dtype"]
 
@@ -22,33 +27,9 @@ _ENGINES: dict[str, str] = {"hf": "hf", "sglang": "sglang"}
 ENGINES: tuple[str, ...] = tuple(_ENGINES)
 
 
-def build_runner(engine: str, model_path: str, **kwargs: Any) -> TargetRunner:
+def build_runner(engine: str, model_path: str, **kwargs: Any) -> "TargetRunner":
     """Builds the named engine's runner for ``model_path``."""
     if engine not in _ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     module = import_module(f"eagle3_target.engines.{_ENGINES[engine]}")
     return module.build(model_path, **kwargs)
-
-
-_DTYPES = {
-    "float32": "float32", "fp32": "float32", "f32": "float32",
-    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
-
-
-def parse_dtype(dtype: Any) -> "torch.dtype | None":
-    """``None | torch.dtype | "bf16"/"bfloat16"/"fp16"/"fp32"/...`` -> torch dtype or None.
-
-    Only the three floating dtypes a target runs in are accepted; anything else raises.
-    """
-    import torch
-
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return getattr(torch, _DTYPES[dtype.lower()])
-    raise ValueError(f"unsupported dtype {dtype!r}: use float32, float16 or bfloat16")

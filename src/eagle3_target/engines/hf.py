@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from eagle3_target.contract import LMHead, validate_aux_layer_ids
-from eagle3_target.engines import parse_dtype
+from eagle3_target.engines.common import default_device, parse_dtype, text_config
 
 __all__ = ["HFTargetRunner", "build", "find_decoder_layers"]
 
@@ -52,10 +52,6 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
         f"cannot find the decoder layers of {type(model).__name__}: looked for "
         f"{', '.join(_LAYER_PATHS)}"
     )
-
-
-def _text_config(config: Any) -> Any:
-    return getattr(config, "text_config", None) or config
 
 
 class HFTargetRunner:
@@ -100,7 +96,7 @@ class HFTargetRunner:
     def lm_head(self) -> LMHead:
         self._check_open()
         head = self.model.get_output_embeddings()
-        cfg = _text_config(self.model.config)
+        cfg = text_config(self.model.config)
         scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
         granite = getattr(cfg, "logits_scaling", None)  # Granite divides
         if granite:
@@ -165,10 +161,6 @@ class HFTargetRunner:
             raise RuntimeError(f"captured {sorted(captured)} but expected layers {self._aux_ids}")
         aux = torch.cat([captured[i] for i in self._aux_ids], dim=-1)
         return out, aux
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build(

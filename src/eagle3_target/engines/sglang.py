@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from eagle3_target.contract import LMHead, validate_aux_layer_ids
-from eagle3_target.engines import parse_dtype
+from eagle3_target.engines.common import parse_dtype, text_config
+from eagle3_target.engines.packing import plan_extends, row_spans, scatter_rows
 
 __all__ = ["SGLangTargetRunner", "SGLangUnavailableError", "build", "sglang_dtype_str"]
 
@@ -250,67 +251,6 @@ def wrap_logits_processors(model: nn.Module, api: Any) -> list[Eagle3LogitsProce
     return wrappers
 
 
-# --------------------------------------------------------------------------- packing
-
-
-def row_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Checks ``[B,S]`` inputs; returns each row's ``(start, length)`` of real tokens.
-
-    Real tokens must be one contiguous run per row (right or left padding).
-    """
-    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a 2-D integer tensor [B,S], got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if input_ids.shape != attention_mask.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
-                         f"has shape {tuple(input_ids.shape)}")
-    m = attention_mask.detach().to("cpu", torch.int64)
-    if bool(((m != 0) & (m != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 and 1")
-    lengths = m.sum(dim=1)
-    if bool((lengths == 0).any()):
-        raise ValueError(f"attention_mask rows {(lengths == 0).nonzero().flatten().tolist()[:5]} "
-                         f"have no real token")
-    starts = m.argmax(dim=1)
-    pos = torch.arange(m.shape[1])[None, :]
-    expected = ((pos >= starts[:, None]) & (pos < (starts + lengths)[:, None])).to(torch.int64)
-    if not torch.equal(m, expected):
-        bad = (m != expected).any(dim=1).nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask rows {bad[:5]} have real tokens that are not one "
-                         f"contiguous run; pad on one side only")
-    return starts.tolist(), lengths.tolist()
-
-
-def plan_extends(lengths: Sequence[int], max_tokens: int, max_rows: int, page_size: int = 1) -> list[list[int]]:
-    """Splits rows (in order) into the fewest consecutive groups whose page-rounded
-    token count fits ``max_tokens`` and row count fits ``max_rows``."""
-    groups: list[list[int]] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        need = -(-n // page_size) * page_size
-        if need > max_tokens:
-            raise ValueError(f"row {i} has {n} real tokens, more than this runner's extend budget "
-                             f"of {max_tokens} tokens: build it with a larger max_batch_tokens")
-        if groups and used + need <= max_tokens and len(groups[-1]) < max_rows:
-            groups[-1].append(i)
-            used += need
-        else:
-            groups.append([i])
-            used = need
-    return groups
-
-
-def scatter_rows(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``packed [T,D]`` (rows' real tokens, row-major) -> ``[B,S,D]`` with zeros at pads."""
-    B, S = mask.shape
-    if packed.shape[0] == B * S:  # no pad at all: a view, no copy
-        return packed.view(B, S, packed.shape[-1])
-    out = packed.new_zeros(B, S, packed.shape[-1])
-    out[mask.to(packed.device, torch.bool)] = packed
-    return out
-
-
 # --------------------------------------------------------------------------- runner
 
 
@@ -326,7 +266,7 @@ class SGLangTargetRunner:
         self.model: Any = model_runner.model
         self._wrappers = wrap_logits_processors(self.model, api)
         cfg = self.model.config
-        self._config = getattr(cfg, "text_config", None) or cfg
+        self._config = text_config(cfg)
         self.vocab_size = int(self._config.vocab_size)
         self._num_layers = int(self._config.num_hidden_layers)
         self._page = int(getattr(model_runner.server_args, "page_size", 1) or 1)
