@@ -26,16 +26,23 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from eagle3_target.cli import add_model_args, load_target, parse_aux_layers, resolve_model
-from eagle3_target.data.chat import (
-    ChatEncoder, Sample, iter_samples, iter_supervised_ids, load_tokenizer, sample_data_path,
-)
+from eagle3_target.cli.common import add_model_args, load_target, parse_aux_layers
+from eagle3_target.tiny import resolve_model
+from eagle3_target.data.chat import ChatEncoder
+from eagle3_target.data.samples import Sample, iter_samples, iter_supervised_ids
+from eagle3_target.data.rows import sample_data_path
+from eagle3_target.data.tokenizer import load_tokenizer, tokenizer_class_name, tokenizer_fingerprint
 from eagle3_target.dump import MODES, DumpConfig, greedy_batches, pack_batch, run_dump
-from eagle3_target.shards import ShardJob, ShardWriter, set_allocator_settings
+from eagle3_target.dump.config import default
+from eagle3_target.dump.format import ShardJob, ShardWriter
+from eagle3_target.dump.host import set_allocator_settings
+from eagle3_target.dump.render import RenderProcess
+from eagle3_target.dump.summary import StageClock
 from eagle3_target.vocab import build_vocab_mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,49 +64,15 @@ def engine_only(target, batches: list[list[Sample]], mode: str, mapping, pad_id:
     return time.perf_counter() - t0
 
 
-class Breakdown:
-    """Where a dump's main thread spends its time (``--breakdown``): the engine call, the
-    gather + device-to-host copy, waiting for a free writer, the final drain, the LM head.
-    Wraps the dump's internals in place; the bench only."""
-
-    def __init__(self) -> None:
-        import dataclasses
-
-        import eagle3_target.dump as d
-        from eagle3_target.shards import ShardWriter
-
-        self.acc: dict[str, float] = {}
-        for mode, spec in list(d.MODES.items()):
-            d.MODES[mode] = dataclasses.replace(spec, compute=self._wrap(spec.compute, "engine"))
-        d._real_tokens = self._wrap(d._real_tokens, "gather on device")
-        d._Rows.result = self._wrap(d._Rows.result, "wait for host copy")
-        ShardWriter.put = self._wrap(ShardWriter.put, "wait for a writer")
-        ShardWriter.close = self._wrap(ShardWriter.close, "drain writers")
-        d._LMHeadWriter.join = self._wrap(d._LMHeadWriter.join, "wait for LM head")
-
-    def _wrap(self, f, key: str):
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return f(*a, **k)
-            finally:
-                self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t0
-        return timed
-
-    def report(self, total: float, host_pool: bool = True) -> str:
-        """The main thread's split of ``total`` seconds and (``host_pool``) the pinned pool's
-        growth since the last report."""
-        parts = [f"{k} {v:.2f} s" for k, v in self.acc.items()]
-        rest = total - sum(self.acc.values())
-        self.acc.clear()
-        host = ""
-        if host_pool and torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
-            st = torch.cuda.host_memory_stats()
-            host = (f"; pinned pool {st.get('allocated_bytes.current', 0) / 2**30:.1f} GiB, grown by "
-                    f"{st.get('num_host_alloc', 0)} allocations in this run "
-                    f"({st.get('host_alloc_time.total', 0) / 1e6:.2f} s)")
-            torch.cuda.reset_accumulated_host_memory_stats()
-        return f"main thread over {total:.2f} s: " + ", ".join(parts) + f", other {rest:.2f} s" + host
+def host_pool_report() -> str:
+    """The pinned pool's size and growth since the last report (GPU only)."""
+    if not (torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats")):
+        return ""
+    st = torch.cuda.host_memory_stats()
+    torch.cuda.reset_accumulated_host_memory_stats()
+    return (f"; pinned pool {st.get('allocated_bytes.current', 0) / 2**30:.1f} GiB, grown by "
+            f"{st.get('num_host_alloc', 0)} allocations in this run "
+            f"({st.get('host_alloc_time.total', 0) / 1e6:.2f} s)")
 
 
 def empty_host_cache() -> None:
@@ -115,48 +88,49 @@ def empty_host_cache() -> None:
     torch.cuda.reset_accumulated_host_memory_stats()
 
 
-def set_variant(name: str) -> None:
-    """Ablations of the dump's pipeline (``--variants``), for finding what costs engine
-    time on a given host; ``base`` is the shipped code."""
-    import eagle3_target.dump as d
-    import eagle3_target.shards as sh
+VARIANTS = "base, switch-<ms>ms, pin-<n>, render-thread, render-process, child-ready, or several joined with +"
 
-    orig = set_variant.__dict__.setdefault("orig", {
-        "parallel": sh.stream_to_file.__defaults__, "submit": d._HostCopier.submit,
-        "read_ahead": d.read_ahead, "start_render": d._start_render_process})
-    sh.stream_to_file.__defaults__ = orig["parallel"]
-    d._HostCopier.submit = orig["submit"]
-    d.read_ahead = orig["read_ahead"]
-    d._start_render_process = orig["start_render"]
-    set_variant.child_ready = False
-    sys.setswitchinterval(0.005)
-    set_variant.pin_threads = None
-    set_variant.render = "auto"
-    if torch.cuda.is_available():  # torch's default; a dump with pin_threads > 0 changes it
-        set_allocator_settings("pinned_use_cuda_host_register:False,pinned_num_register_threads:1")
-    for part in name.split("+"):
-        if part == "inline-hash":
-            sh.stream_to_file.__defaults__ = (1 << 62,)
-        elif part == "sync-copy":
-            d._HostCopier.submit = lambda self, flat: d._done({k: sh.host_copy(v) for k, v in flat.items()})
-        elif part == "no-read-ahead":
-            d.read_ahead = lambda items, depth: items
-        elif part.startswith("switch-"):  # e.g. switch-0.5ms: the GIL's switch interval
-            sys.setswitchinterval(float(part[len("switch-"):-2]) / 1000)
-        elif part == "child-ready":  # the render process started and ready before the clock starts,
-            set_variant.child_ready = True  # as the CLI's is by the time the engine has loaded
-        elif part.startswith("render-"):  # render-thread, render-process: DumpConfig.render
-            set_variant.render = part[len("render-"):]
-        elif part.startswith("pin-"):  # e.g. pin-0: DumpConfig.pin_threads=0 (cudaHostAlloc)
-            set_variant.pin_threads = int(part[len("pin-"):])
-        elif part != "base":
-            raise SystemExit(f"unknown variant {part}")
+
+@dataclass
+class Variant:
+    """A pipeline setting the bench compares (``--variants``); ``base`` is the shipped
+    default. Each is a public setting: the GIL's switch interval, ``DumpConfig.pin_threads``
+    and ``DumpConfig.render``, or ``child_ready`` (a render process started and ready
+    before the clock starts, as the CLI's is by the time its engine has loaded, passed
+    to ``run_dump(render=...)``)."""
+
+    name: str
+    switch_s: float = 0.005
+    pin_threads: int | None = None
+    render: str = "auto"
+    child_ready: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        v = cls(name)
+        for part in name.split("+"):
+            if part.startswith("switch-") and part.endswith("ms"):
+                v.switch_s = float(part[len("switch-"):-2]) / 1000
+            elif part == "child-ready":
+                v.child_ready = True
+            elif part.startswith("render-"):
+                v.render = part[len("render-"):]
+            elif part.startswith("pin-"):
+                v.pin_threads = int(part[len("pin-"):])
+            elif part != "base":
+                raise SystemExit(f"unknown variant {part!r}: use {VARIANTS}")
+        return v
+
+    def apply(self) -> None:
+        sys.setswitchinterval(self.switch_s)
+        if torch.cuda.is_available():  # torch's default; a dump with pin_threads > 0 changes it
+            set_allocator_settings("pinned_use_cuda_host_register:False,pinned_num_register_threads:1")
 
 
 def check_dump(out: Path, target, batches: list[list[Sample]], mode: str, mapping, pad_id: int) -> str:
     """The dump's first and last batch against the target run on those batches directly:
     every stored field of every sample, compared exactly (same batch, same kernels)."""
-    from eagle3_target.reader import Eagle3Dataset
+    from eagle3_target.dump.reader import Eagle3Dataset
 
     ds = Eagle3Dataset(out)
     spec = MODES[mode]
@@ -215,16 +189,14 @@ def main() -> None:
     add_model_args(p)
     p.add_argument("--data", nargs="+", default=[str(sample_data_path())])
     p.add_argument("--modes", default="hidden,draft,logits")
-    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--batch-tokens", type=int, default=default("batch_tokens"))
     p.add_argument("--shard-size-mb", type=float, default=64)
     p.add_argument("--draft-vocab-size", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--writer-threads", type=int, default=None, help="default: the dump's (half the cores, 2-8)")
     p.add_argument("--prefetch", type=int, default=0)
-    p.add_argument("--pin-threads", type=int, default=8, help="DumpConfig.pin_threads")
-    p.add_argument("--variants", default="base",
-                   help="comma-separated pipeline ablations: base, inline-hash, sync-copy, "
-                        "no-read-ahead, switch-<ms>ms, pin-<n>, render-thread, render-process, child-ready, or several joined with +")
+    p.add_argument("--pin-threads", type=int, default=default("pin_threads"), help="DumpConfig.pin_threads")
+    p.add_argument("--variants", default="base", help=f"comma-separated pipeline settings: {VARIANTS}")
     p.add_argument("--check", action="store_true",
                    help="compare the first run's first and last batch with the target run directly")
     p.add_argument("--breakdown", action="store_true", help="print where the dump's main thread spent its time")
@@ -233,7 +205,7 @@ def main() -> None:
     p.add_argument("--synthetic-shape", default="4096,128256,32000,bfloat16", help="H,V,Vd,dtype")
     args = p.parse_args()
     modes = args.modes.split(",")
-    breakdown = Breakdown() if args.breakdown else None
+    clock = StageClock() if args.breakdown else None
     work = Path(tempfile.mkdtemp(prefix="bench-dump-", dir=args.workdir))
     try:
         target = load_target(args)
@@ -241,7 +213,7 @@ def main() -> None:
         name = torch.cuda.get_device_name() if dev.startswith("cuda") else cpu_name()
         model_dir = resolve_model(args.model)
         tok = load_tokenizer(model_dir)
-        enc = ChatEncoder(tok, max_length=2048, vocab_size=target.vocab_size)
+        enc = ChatEncoder(tok, max_length=default("max_length"), vocab_size=target.vocab_size)
         samples = [s for s in iter_samples(args.data, enc) if isinstance(s, Sample)]
         tokens = sum(len(s) for s in samples)
         batches = list(greedy_batches(samples, args.batch_tokens))
@@ -266,10 +238,11 @@ def main() -> None:
         logits_bpt = None
         rows = []
         runs = [(m, v) for m in modes for v in args.variants.split(",")]
-        for mode, variant in runs:
-            set_variant(variant)
+        for mode, variant_name in runs:
+            variant = Variant.parse(variant_name)
+            variant.apply()
             empty_host_cache()  # each variant's first run grows the pinned pool, as a fresh process does
-            label = mode if variant == "base" else f"{mode} ({variant})"
+            label = mode if variant.name == "base" else f"{mode} ({variant.name})"
             e_times, d_times = [], []
             summary = None
             for r in range(args.repeat):
@@ -280,25 +253,24 @@ def main() -> None:
                                  vocab=str(vocab_path) if mode == "draft" else None,
                                  batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
                                  writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False,
-                                 pin_threads=(set_variant.pin_threads if set_variant.pin_threads
+                                 pin_threads=(variant.pin_threads if variant.pin_threads
                                               is not None else args.pin_threads),
-                                 render=set_variant.render)
-                if breakdown is not None:
-                    breakdown.acc.clear()
-                if set_variant.child_ready:
-                    import eagle3_target.dump as d
-
-                    child = set_variant.orig["start_render"](cfg, tok, model_dir, True)
+                                 render=variant.render)
+                if clock is not None:
+                    clock.totals.clear()
+                child = None
+                if variant.child_ready:
+                    child = RenderProcess(model_dir, tokenizer_fingerprint(tok), tokenizer_class_name(tok))
                     if not child.wait_ready(120):
                         raise SystemExit(f"the render process did not start: {child.failure}")
-                    d._start_render_process = lambda *a, _c=child: _c
                 t0 = time.perf_counter()
-                summary = run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
+                summary = run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None, render=child,
+                                   clock=clock)
                 sync(dev)
                 d_times.append(time.perf_counter() - t0)
-                if breakdown is not None:
+                if clock is not None:
                     print(f"  {label} run {r}: engine alone {e_times[-1]:.2f} s; "
-                          + breakdown.report(d_times[-1])
+                          + clock.report(d_times[-1]) + host_pool_report()
                           + f"; rows rendered by the child process {summary.run_child_rows}",
                           file=sys.stderr, flush=True)
                 if r == 0 and args.check:

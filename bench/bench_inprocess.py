@@ -16,7 +16,7 @@ import platform
 import torch
 
 from eagle3_target.benchmark import BenchConfig, run_inprocess
-from eagle3_target.cli import add_model_args, load_target
+from eagle3_target.cli.common import add_model_args, load_target
 
 
 def cpu_name() -> str:

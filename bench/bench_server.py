@@ -201,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     args.prefetch = [int(x) for x in str(args.prefetch).split(",")]
 
     from eagle3_target import Eagle3TargetModel, VocabMapping
-    from eagle3_target.cli import _quiet_transformers, parse_engine_args, resolve_model
+    from eagle3_target.engines.common import quiet_transformers as quiet_transformers
+    from eagle3_target.cli.common import parse_engine_args
+    from eagle3_target.tiny import resolve_model
     from eagle3_target.server.process import ServerProcess
 
-    _quiet_transformers()
+    quiet_transformers()
     model = resolve_model(args.model)
     engine_kwargs = parse_engine_args(args.engine_arg)
     aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None

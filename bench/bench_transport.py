@@ -38,8 +38,8 @@ def serve(args) -> None:
     import uvicorn
     from starlette.responses import Response
 
-    from eagle3_target.server.app import SafetensorsStream
-    from eagle3_target.server.protocol import encode_safetensors, safetensors_parts
+    from eagle3_target.server.routes_v1 import SafetensorsStream
+    from eagle3_target.wire.v1 import encode_safetensors, safetensors_parts
 
     tensors = _tensors(args)
     meta = {"protocol": "1", "mode": "hidden", "aux_layer_ids": "[1, 15, 28]"}
@@ -105,8 +105,8 @@ def client_urllib3(url: str, path: str, runs: int) -> tuple[list[float], int]:
 
 
 def client_readinto(url: str, path: str, runs: int) -> tuple[list[float], int]:
-    from eagle3_target.http_pool import HttpPool
-    from eagle3_target.st_stream import decode_buffer
+    from eagle3_target.client.http_pool import HttpPool
+    from eagle3_target.wire.st_stream import decode_buffer
 
     out = []
     pool = HttpPool(url, timeout=600, connect_timeout=10)

@@ -24,7 +24,7 @@ def right_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: in
 
 def first_sample_chats(folder: Path, n: int) -> Path:
     """Writes the first ``n`` bundled sample chats to ``folder/chats.jsonl``."""
-    from eagle3_target.data.chat import sample_data_path
+    from eagle3_target.data.rows import sample_data_path
 
     p = folder / "chats.jsonl"
     p.write_text("\n".join(sample_data_path().read_text().splitlines()[:n]) + "\n")
@@ -35,7 +35,8 @@ def draft_vocab_file(folder: Path, tok, data_file: Path, target_vocab_size: int,
                      size: int = 200) -> Path:
     """A draft vocabulary of ``size`` tokens chosen from the supervised tokens of
     ``data_file``, saved as ``folder/vocab.safetensors``."""
-    from eagle3_target.data.chat import ChatEncoder, iter_samples, iter_supervised_ids
+    from eagle3_target.data.chat import ChatEncoder
+    from eagle3_target.data.samples import iter_samples, iter_supervised_ids
     from eagle3_target.vocab import build_vocab_mapping
 
     samples = [s for s in iter_samples([data_file], ChatEncoder(tok)) if hasattr(s, "input_ids")]

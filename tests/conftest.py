@@ -28,7 +28,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tok(tiny_model_dir):
     """The tiny model's tokenizer (ChatML template with generation markers)."""
-    from eagle3_target.data.chat import load_tokenizer
+    from eagle3_target.data.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 

@@ -84,7 +84,7 @@ def target(dtype: torch.dtype = torch.float32, vocab: int = V):
 
 
 def tokenizer():
-    from eagle3_target.data.chat import load_tokenizer
+    from eagle3_target.data.tokenizer import load_tokenizer
 
     return load_tokenizer(str(MODEL_DIR))
 
@@ -127,9 +127,9 @@ def supervision_body(mode: str) -> bytes:
     from starlette.testclient import TestClient
 
     from eagle3_target.server.app import ServerSettings, create_app
-    from eagle3_target.server.engine import EngineWorker
+    from eagle3_target.server.worker import EngineWorker
     from eagle3_target.server.metrics import ServerMetrics
-    from eagle3_target.server.protocol import encode_safetensors
+    from eagle3_target.wire.v1 import encode_safetensors
 
     worker = EngineWorker(lambda: target(torch.float32, vocab=32), max_batch_tokens=4096)
     app = create_app(ServerSettings(max_batch_tokens=4096), worker, ServerMetrics())
@@ -153,7 +153,7 @@ def supervision_body(mode: str) -> bytes:
 def write_all() -> None:
     import shutil
 
-    from eagle3_target.server import nmet
+    from eagle3_target.wire import nmet
 
     if DUMP_DIR.exists():
         shutil.rmtree(DUMP_DIR)

@@ -9,21 +9,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eagle3_target.data.chat import (
+from eagle3_target.data.samples import (
     MALFORMED,
     ZERO_SUPERVISION,
-    ChatEncoder,
     DataReport,
     Sample,
     Skipped,
-    count_rows,
-    has_generation_block,
     iter_samples,
-    load_tokenizer,
-    row_to_messages,
-    sample_data_path,
     scan,
 )
+from eagle3_target.data.chat import ChatEncoder, has_generation_block, row_to_messages
+from eagle3_target.data.rows import count_rows, sample_data_path
+from eagle3_target.data.tokenizer import load_tokenizer
 from eagle3_target.tiny import CHAT_TEMPLATE
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -204,7 +201,8 @@ def test_truncation_before_the_answer_is_reported(tok):
     enc = ChatEncoder(tok).encode(CONV)
     first = enc.loss_mask.index(1)
     row = {"messages": CONV}
-    from eagle3_target.data.chat import RawRow, encode_row
+    from eagle3_target.data.rows import RawRow
+    from eagle3_target.data.samples import encode_row
 
     out = encode_row(RawRow(7, "x.jsonl:8", value=row), ChatEncoder(tok, max_length=first))
     assert isinstance(out, Skipped) and out.kind == ZERO_SUPERVISION

@@ -106,7 +106,7 @@ def test_help_for_every_subcommand():
 def test_engine_args_reach_the_engine(tiny_model_dir):
     import argparse
 
-    from eagle3_target.cli import add_model_args, load_target
+    from eagle3_target.cli.common import add_model_args, load_target
 
     p = argparse.ArgumentParser()
     add_model_args(p)

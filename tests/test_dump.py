@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from eagle3_target.cli import main as cli_main
-from eagle3_target.data.chat import ChatEncoder, iter_samples
+from eagle3_target.data.chat import ChatEncoder
+from eagle3_target.data.samples import iter_samples
 from batches import draft_vocab_file, files_of, first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
-from eagle3_target.shards import read_manifest
-from eagle3_target.verify import verify_dump
-from eagle3_target.reader import Eagle3Dataset, collate_eagle3, rebuild_supervision
+from eagle3_target.dump.format import read_manifest
+from eagle3_target.dump.verify import verify_dump
+from eagle3_target.dump.reader import Eagle3Dataset, collate_eagle3, rebuild_supervision
 from eagle3_target.vocab import compute_target_distribution
 
 N_ROWS = 36
@@ -372,9 +373,9 @@ def test_pin_threads_are_checked_and_a_cpu_dump_leaves_torch_alone(tmp_path, tin
     dump(tmp_path / "a", tiny_target, tok, [data_file], pin_threads=16)
     assert seen == []
     # On a GPU the LM head's copy and the batch copies both ask; torch is told once.
-    from eagle3_target.dump import _HostCopier
+    from eagle3_target.dump.host import HostCopier as HostCopier
 
-    copier = _HostCopier(pin_threads=16)
+    copier = HostCopier(pin_threads=16)
     copier.prepare_pinning()
     copier.prepare_pinning()
     assert seen == ["pinned_use_cuda_host_register:True,pinned_num_register_threads:16"]
@@ -387,7 +388,7 @@ def test_load_time_counts_from_the_start_so_the_rate_after_it_excludes_the_token
     # on the load's side, not in the dump's rate.
     import time
 
-    import eagle3_target.data.chat as chat
+    import eagle3_target.data.tokenizer as chat
 
     real = chat.load_tokenizer
 

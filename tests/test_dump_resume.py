@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from batches import files_of, first_sample_chats
-from eagle3_target.shards import KILL_ENV, read_manifest
+from eagle3_target.dump.faults import KILL_ENV
+from eagle3_target.dump.format import read_manifest
 
 N_ROWS = 300
 SEED = 5

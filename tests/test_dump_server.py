@@ -15,10 +15,10 @@ import torch
 
 from batches import draft_vocab_file, first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
-from eagle3_target.reader import Eagle3Dataset
+from eagle3_target.dump.reader import Eagle3Dataset
 from eagle3_target.server.process import ServerProcess
-from eagle3_target.shards import read_manifest
-from eagle3_target.verify import verify_dump
+from eagle3_target.dump.format import read_manifest
+from eagle3_target.dump.verify import verify_dump
 
 N_ROWS = 24
 

@@ -20,7 +20,7 @@ def test_dump_of_the_sample_chats_matches_the_golden_v1_dump(tmp_path):
 
 
 def test_nmet_blob_matches_the_golden_file():
-    from eagle3_target.server import nmet
+    from eagle3_target.wire import nmet
 
     blob = golden.NMET_FILE.read_bytes()
     assert nmet.encode(golden.nmet_tensors()) == blob

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-import eagle3_target.data.render_process as rp
+import eagle3_target.dump.render as rp
 from batches import files_of, first_sample_chats
-from eagle3_target.data.chat import (
-    ChatEncoder, Sample, Skipped, iter_samples, sample_data_path, tokenizer_class_name, tokenizer_fingerprint,
-)
-from eagle3_target.data.render_process import RenderJob, RenderProcess, iter_samples_handover
+from eagle3_target.data.chat import ChatEncoder
+from eagle3_target.data.samples import Sample, Skipped, iter_samples
+from eagle3_target.data.rows import sample_data_path
+from eagle3_target.data.tokenizer import tokenizer_class_name, tokenizer_fingerprint
+from eagle3_target.dump.render import RenderJob, RenderProcess, iter_samples_handover
 from eagle3_target.dump import DumpConfig, run_dump
 
 
@@ -110,7 +111,7 @@ def test_a_child_whose_render_differs_is_dropped_at_the_handover(tiny_model_dir,
 
 def test_the_child_loads_the_tokenizer_class_directly_without_torch(tiny_model_dir, tok):
     code = ("import sys\n"
-            "from eagle3_target.data.chat import load_tokenizer, tokenizer_fingerprint\n"
+            "from eagle3_target.data.tokenizer import load_tokenizer, tokenizer_fingerprint\n"
             f"t = load_tokenizer({str(tiny_model_dir)!r}, {tokenizer_class_name(tok)!r})\n"
             "print(tokenizer_fingerprint(t), 'torch' in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -157,7 +158,7 @@ def test_a_child_killed_mid_job_is_an_error(child, tok, tmp_path):
 def test_the_child_dies_with_its_parent(tiny_model_dir, tok, tmp_path):
     script = (
         "import sys, time\n"
-        "from eagle3_target.data.render_process import RenderProcess\n"
+        "from eagle3_target.dump.render import RenderProcess\n"
         f"c = RenderProcess({str(tiny_model_dir)!r}, {tokenizer_fingerprint(tok)!r})\n"
         "print(c._proc.pid, c.wait_ready(120), flush=True)\n"
         "time.sleep(600)\n")

@@ -9,11 +9,19 @@ from safetensors.torch import load, save
 
 from batches import right_padded_batch
 from eagle3_target.contract import LMHead
-from eagle3_target.dump import DumpConfig, _real_tokens, _zero_tails
-from eagle3_target.shards import (
-    ShardJob, header_meta, load_lm_head, pack_shard, save_lm_head, stream_to_file, threaded_pinning,
+from eagle3_target.contract import zero_tail
+from eagle3_target.dump import DumpConfig
+from eagle3_target.engines.packing import gather_rows
+from eagle3_target.dump.format import (
+    ShardJob,
+    header_meta,
+    load_lm_head,
+    pack_shard,
+    save_lm_head,
+    stream_to_file,
 )
-from eagle3_target.st_stream import layout_pieces
+from eagle3_target.dump.host import threaded_pinning
+from eagle3_target.wire.st_stream import layout_pieces
 
 
 def _samples(lengths, h=6, v=11, seed=0):
@@ -84,9 +92,9 @@ def test_real_tokens_and_zero_tails_match_per_row_slicing(shape):
     want_tails = t.clone()
     for r, n in enumerate(lengths):
         want_tails[r, n - 1:] = 0
-    assert torch.equal(_zero_tails(t.clone(), lengths), want_tails)
+    assert torch.equal(zero_tail(t.clone(), lengths), want_tails)
     _, mask = right_padded_batch(lengths, vocab=2)
-    flat = _real_tokens({"x": t}, mask)["x"]
+    flat = gather_rows({"x": t}, mask)["x"]
     assert torch.equal(flat, torch.cat([t[r, :n] for r, n in enumerate(lengths)]))
     assert flat.is_contiguous() and flat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from eagle3_target.st_stream import (
+from eagle3_target.wire.st_stream import (
     ST_DTYPES,
     SafetensorsFormatError,
     byte_view,

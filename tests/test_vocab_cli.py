@@ -11,7 +11,10 @@ from collections import Counter
 import torch
 from safetensors import safe_open
 
-from eagle3_target.data.chat import ChatEncoder, iter_samples, load_tokenizer, sample_data_path
+from eagle3_target.data.chat import ChatEncoder
+from eagle3_target.data.samples import iter_samples
+from eagle3_target.data.tokenizer import load_tokenizer
+from eagle3_target.data.rows import sample_data_path
 from eagle3_target.vocab import VocabMapping
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: the command line builds its help from this module
+    import torch
 
-from eagle3_target.contract import Eagle3TargetModel
+    from eagle3_target.contract import Eagle3TargetModel
 
-__all__ = ["BenchConfig", "make_batch", "run_inprocess"]
+__all__ = ["FORWARDS", "BenchConfig", "make_batch", "run_inprocess"]
+
+FORWARDS = {"logits": "generate_batch", "hidden": "generate_hidden"}
+"""What a bench times: aux + all-position logits, or aux + the final hidden state."""
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,14 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq_len < 2 or self.runs < 1 or self.warmup < 0:
             raise ValueError(f"batch, runs >= 1, seq_len >= 2 and warmup >= 0 required: {self}")
-        if self.mode not in ("logits", "hidden"):
-            raise ValueError(f"mode must be 'logits' or 'hidden', got {self.mode!r}")
+        if self.mode not in FORWARDS:
+            raise ValueError(f"mode must be one of {', '.join(FORWARDS)}, got {self.mode!r}")
 
 
-def make_batch(cfg: BenchConfig, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(cfg: BenchConfig, vocab_size: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
     """Random right-padded ``(input_ids, attention_mask, loss_mask)``, each ``[B,S] int64``."""
+    import torch
+
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, vocab_size, (cfg.batch, cfg.seq_len), generator=g, dtype=torch.int64)
     if cfg.ragged:
@@ -53,14 +59,16 @@ def make_batch(cfg: BenchConfig, vocab_size: int) -> tuple[torch.Tensor, torch.T
 
 
 def _sync() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def run_inprocess(target: Eagle3TargetModel, cfg: BenchConfig) -> dict[str, Any]:
+def run_inprocess(target: "Eagle3TargetModel", cfg: BenchConfig) -> dict[str, Any]:
     """Returns timings (seconds) and tokens/s of the median run."""
     ids, mask, loss = make_batch(cfg, target.vocab_size)
-    step = target.generate_batch if cfg.mode == "logits" else target.generate_hidden
+    step = getattr(target, FORWARDS[cfg.mode])
     times = []
     for i in range(cfg.warmup + cfg.runs):
         _sync()

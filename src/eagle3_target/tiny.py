@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["TinyModelConfig", "PRESETS", "make_tiny_model", "tiny_model_path", "cache_dir", "resolve_model",
-           "CACHE_ENV", "CHAT_TEMPLATE"]
+           "CACHE_ENV", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
 
 CACHE_ENV = "EAGLE3_TARGET_CACHE"
 

@@ -15,7 +15,8 @@ import torch
 
 from eagle3_target import Eagle3TargetModel
 from eagle3_target.engines import build_runner
-from eagle3_target.server.cli import run_server
+from eagle3_target.server.run import run_server
+from eagle3_target.server.settings import ServerSettings
 
 
 class OOMAbove:
@@ -56,8 +57,9 @@ def main() -> int:
         runner = build_runner("hf", model_dir, device="cpu", dtype="float32")
         return Eagle3TargetModel(OOMAbove(runner, limit))
 
-    return run_server(loader, port=0, max_batch_tokens=4096, model_name=model_dir,
-                      engine="hf+oom", exit_on_disconnect="--exit-on-disconnect" in sys.argv)
+    return run_server(loader, ServerSettings(port=0, max_batch_tokens=4096, model_name=model_dir,
+                                             engine="hf+oom",
+                                             exit_on_disconnect="--exit-on-disconnect" in sys.argv))
 
 
 if __name__ == "__main__":

@@ -7,15 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eagle3_target.client import RemoteTarget, RemoteTargetError, _split_userinfo
+from eagle3_target.client import RemoteTarget, RemoteTargetError
+from eagle3_target.client.failover import split_userinfo as split_userinfo
 from eagle3_target.server.process import ServerProcess
 from server_helpers import make_inputs, server_args
 
 
 def test_urls_and_arguments_are_checked_before_any_request():
-    url, auth = _split_userinfo("http://trainer:s%40cret@10.0.0.1:8001/")
+    url, auth = split_userinfo("http://trainer:s%40cret@10.0.0.1:8001/")
     assert url == "http://10.0.0.1:8001" and auth is not None
-    assert _split_userinfo("http://[::1]:8000") == ("http://[::1]:8000", None)
+    assert split_userinfo("http://[::1]:8000") == ("http://[::1]:8000", None)
     for bad in ("ftp://host:1", "host:8000", "http://"):
         with pytest.raises(ValueError, match="expected http"):
             RemoteTarget(bad)

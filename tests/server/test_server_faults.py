@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from eagle3_target.client import RemoteTarget, RemoteTargetUnavailable
-from eagle3_target.server import nmet
+from eagle3_target.wire import nmet
 from eagle3_target.server.process import ServerProcess
-from eagle3_target.server.protocol import encode_safetensors
+from eagle3_target.wire.v1 import encode_safetensors
 from server_helpers import make_inputs, metric, server_args
 
 FAULT_SERVER = str(Path(__file__).with_name("fault_server.py"))

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from eagle3_target.server import nmet
-from eagle3_target.server.protocol import encode_safetensors
+from eagle3_target.wire import nmet
+from eagle3_target.wire.v1 import encode_safetensors
 from server_helpers import make_inputs
 
 FUZZ = settings(max_examples=250, deadline=None, derandomize=True,

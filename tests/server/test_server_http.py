@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 
-from eagle3_target.server import nmet
-from eagle3_target.server.protocol import encode_safetensors
+from eagle3_target.wire import nmet
+from eagle3_target.wire.v1 import encode_safetensors
 from server_helpers import MAX_BATCH_TOKENS, MAX_REQUEST_BYTES, make_inputs, metric
 
 ENDPOINTS = [("GET", "/v1/model_info"), ("GET", "/v1/input_embeddings"), ("GET", "/v1/lm_head"),

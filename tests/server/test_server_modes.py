@@ -9,7 +9,7 @@ from safetensors.torch import load
 
 from eagle3_target import build_vocab_mapping, compute_target_distribution
 from eagle3_target.client import RemoteTarget, RemoteTargetError
-from eagle3_target.server.protocol import encode_safetensors
+from eagle3_target.wire.v1 import encode_safetensors
 from server_helpers import make_inputs
 
 # One server process runs every forward; a request alone in its engine call has the

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from eagle3_target import build_vocab_mapping
-from eagle3_target.server import nmet
+from eagle3_target.wire import nmet
 from server_helpers import make_inputs
 
 with warnings.catch_warnings():

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eagle3_target.server import nmet
-from eagle3_target.server.nmet import NMETError, decode, encode
+from eagle3_target.wire import nmet
+from eagle3_target.wire.nmet import NMETError, decode, encode
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # NeMo's import chain, not ours

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load, save
 
 from eagle3_target.server.process import ServerProcess
-from eagle3_target.server.protocol import encode_safetensors
+from eagle3_target.wire.v1 import encode_safetensors
 from server_helpers import make_inputs, server_args
 
 

@@ -10,10 +10,11 @@ import threading
 import pytest
 import torch
 
-from eagle3_target.server.app import token_matches
-from eagle3_target.server.cli import check_bind, is_loopback, read_token
-from eagle3_target.server.engine import EngineWorker, Job, postprocess
-from eagle3_target.server.protocol import ApiError, check_inputs, parse_supervision_params
+from eagle3_target.server.auth import token_matches
+from eagle3_target.server.run import check_bind, is_loopback, read_token
+from eagle3_target.server.worker import EngineWorker, Job
+from eagle3_target.server.outputs import postprocess
+from eagle3_target.wire.v1 import ApiError, check_inputs, parse_supervision_params
 from eagle3_target.vocab import VocabMapping, compute_target_distribution
 from server_helpers import make_inputs
 
@@ -236,7 +237,7 @@ def test_postprocess_rejects_a_draft_job_without_mapping(reference):
 
 
 def test_engine_args_pass_through_as_json_values():
-    from eagle3_target.cli import parse_engine_args as _parse_engine_args
+    from eagle3_target.cli.common import parse_engine_args as _parse_engine_args
 
     assert _parse_engine_args(["mem-fraction-static=0.8", "tp_size=2", "attention_backend=fa3",
                                "flag=true", "cfg={\"a\": 1}"]) == {

@@ -1,9 +1,8 @@
 """Chat data -> training rows: ``input_ids`` and an assistant-only ``loss_mask``.
 
-Owns everything between a chat file on disk and the token ids the target sees:
+Owns everything between a row read from a file (:mod:`.rows`) and the token ids the
+target sees:
 
-- reading rows: JSONL (one JSON object a line) and Parquet (through ``datasets``),
-  each row numbered globally across the files given (:func:`iter_raw_rows`);
 - normalising a row: OpenAI-style ``messages`` (``role``/``content``) or ShareGPT-style
   ``conversations`` (``from``/``value``, roles ``human``/``gpt``/``system``)
   (:func:`row_to_messages`);
@@ -12,56 +11,29 @@ Owns everything between a chat file on disk and the token ids the target sees:
   ``{% generation %}`` markers, otherwise a per-turn rendering (see
   :meth:`ChatEncoder.turn_mask`); optional masking of reasoning (``<think>`` text and
   ``reasoning_content``); truncation to ``max_length``;
-- accounting: a malformed row is skipped with a reason, a row with no supervised token
-  is reported (never silently kept), and both are counted (:class:`DataReport`);
-  ``strict`` turns either into an error.
 
-Why JSONL is read line by line rather than through ``datasets``: its JSON loader infers
-one schema for the whole file and fails the whole file on one bad line, so a single
-malformed row could not be skipped and reported with its line number. Parquet has a
-schema by construction, so ``datasets`` reads it (streaming, no cache copy).
-
-A *supervised token* is a position the draft is trained on after the EAGLE-3 shift:
-``loss_mask[1:]`` summed (position 0 never is a target).
+Rows become samples, or skipped rows with a reason, in :mod:`.samples`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections import Counter
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from eagle3_target.errors import MalformedRow
 
 __all__ = [
-    "MalformedRow",
-    "RawRow",
-    "Sample",
-    "Skipped",
-    "DataReport",
+    "MAX_LENGTH",
     "ChatEncoder",
-    "iter_raw_rows",
-    "count_rows",
-    "row_to_messages",
-    "iter_samples",
-    "has_generation_block",
-    "sample_data_path",
-    "SHAREGPT_ROLES",
-    "MALFORMED",
-    "ZERO_SUPERVISION",
     "Encoded",
-    "check_data_files",
-    "encode_row",
-    "scan",
-    "load_tokenizer",
-    "special_token_ids",
-    "iter_supervised_ids",
+    "row_to_messages",
+    "has_generation_block",
+    "SHAREGPT_ROLES",
+    "REASONING_FIELDS",
 ]
 
-MALFORMED = "malformed"
-ZERO_SUPERVISION = "zero_supervision"
+MAX_LENGTH = 2048
+"""Tokens a rendered chat keeps by default (``dump`` and ``vocab``: ``--max-length``)."""
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -73,116 +45,6 @@ SHAREGPT_ROLES = {
 # Fields in which chat templates (and transformers' aliasing) carry an assistant's reasoning.
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-class MalformedRow(ValueError):
-    """A row that cannot become a training sample; ``reason`` is a short category used
-    for counting, ``detail`` says what exactly was wrong."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-def sample_data_path(name: str = "sample_chats.jsonl") -> Path:
-    """A sample data file shipped with the package (``sample_chats.jsonl``: OpenAI
-    messages; ``sample_sharegpt.jsonl``: ShareGPT conversations)."""
-    return Path(str(resources.files("eagle3_target.data").joinpath(name)))
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class RawRow:
-    """One row as read: ``index`` is global over all files, ``where`` is ``file:line``
-    (JSONL) or ``file#row`` (Parquet); exactly one of ``value`` and ``error`` is set."""
-
-    index: int
-    where: str
-    value: Any = None
-    error: str | None = None
-
-
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith((".jsonl", ".json", ".ndjson")):
-        return "jsonl"
-    raise ValueError(f"{path}: unsupported data file (use .jsonl, .json or .parquet)")
-
-
-def check_data_files(paths: Sequence[str | Path]) -> list[Path]:
-    """The paths as :class:`Path`, each an existing file of a known kind (else ValueError)."""
-    if not paths:
-        raise ValueError("no data files given")
-    out = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise ValueError(f"data file {p} does not exist")
-        _kind(p)
-        out.append(p)
-    return out
-
-
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                yield lineno, raw.decode("utf-8", errors="replace")
-
-
-def count_rows(paths: Sequence[str | Path]) -> int:
-    """Rows in the files (non-blank JSONL lines; Parquet row counts from the footer)."""
-    n = 0
-    for p in check_data_files(paths):
-        if _kind(p) == "parquet":
-            import pyarrow.parquet as pq
-
-            n += pq.ParquetFile(p).metadata.num_rows
-        else:
-            n += sum(1 for _ in _jsonl_lines(p))
-    return n
-
-
-def worker_owns(row: int, num_shards: int, shard_index: int) -> bool:
-    """Whether worker ``shard_index`` of ``num_shards`` handles data row ``row``: the
-    dump's split of the rows over independent workers (``--num-shards/--shard-index``)."""
-    return row % num_shards == shard_index
-
-
-def iter_raw_rows(
-    paths: Sequence[str | Path], *, start: int = 0, keep: Callable[[int], bool] | None = None
-) -> Iterator[RawRow]:
-    """Rows of all files in order, numbered globally from 0. Rows before ``start`` and
-    rows for which ``keep(index)`` is false are passed over without being parsed."""
-    index = 0
-    for p in check_data_files(paths):
-        if _kind(p) == "parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.ParquetFile(p).metadata.num_rows
-            if index + rows <= start:
-                index += rows
-                continue
-            from datasets import load_dataset
-
-            ds = load_dataset("parquet", data_files=str(p), split="train", streaming=True)
-            for j, row in enumerate(ds):
-                if index >= start and (keep is None or keep(index)):
-                    yield RawRow(index, f"{p.name}#{j}", value=row)
-                index += 1
-            continue
-        for lineno, line in _jsonl_lines(p):
-            if index >= start and (keep is None or keep(index)):
-                try:
-                    yield RawRow(index, f"{p.name}:{lineno}", value=json.loads(line))
-                except json.JSONDecodeError as e:
-                    yield RawRow(index, f"{p.name}:{lineno}", error=f"{e.msg} at column {e.colno}")
-            index += 1
 
 
 # --------------------------------------------------------------------------- rows
@@ -488,197 +350,3 @@ class ChatEncoder:
         if truncated:
             full, mask = full[: self.max_length], mask[: self.max_length]
         return Encoded(full, mask, truncated, full_supervised, source)
-
-
-# --------------------------------------------------------------------------- samples
-
-
-@dataclass
-class Sample:
-    """A training row: ``row`` is the global row index it came from."""
-
-    row: int
-    input_ids: list[int]
-    loss_mask: list[int]
-
-    @property
-    def supervised(self) -> int:
-        return sum(self.loss_mask[1:])
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A row that produced no sample. ``kind`` is ``"malformed"`` or
-    ``"zero_supervision"``; ``reason`` is the category counted, ``detail`` the specifics."""
-
-    row: int
-    where: str
-    kind: str
-    reason: str
-    detail: str = ""
-
-    def describe(self) -> str:
-        return f"{self.where} (row {self.row}): {self.reason}" + (f" ({self.detail})" if self.detail else "")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"row": self.row, "where": self.where, "kind": self.kind, "reason": self.reason,
-                "detail": self.detail}
-
-
-def encode_row(raw: RawRow, encoder: ChatEncoder) -> Sample | Skipped:
-    """One raw row -> a :class:`Sample`, or a :class:`Skipped` saying why not."""
-    if raw.error is not None:
-        return Skipped(raw.index, raw.where, MALFORMED, "not JSON", raw.error)
-    try:
-        messages, tools = row_to_messages(raw.value)
-        enc = encoder.encode(messages, tools)
-    except MalformedRow as e:
-        return Skipped(raw.index, raw.where, MALFORMED, e.reason, e.detail)
-    sample = Sample(raw.index, enc.input_ids, enc.loss_mask)
-    if sample.supervised == 0:
-        if not any(m.get("role") == "assistant" for m in messages):
-            reason = "no assistant turn"
-        elif enc.truncated and enc.full_supervised > 0:
-            reason = f"truncated before the first assistant token (max_length {encoder.max_length})"
-        elif encoder.mask_reasoning:
-            reason = "no assistant tokens outside reasoning"
-        else:
-            reason = "no assistant tokens"
-        return Skipped(raw.index, raw.where, ZERO_SUPERVISION, reason, f"{len(enc.input_ids)} tokens")
-    return sample
-
-
-def iter_samples(
-    paths: Sequence[str | Path],
-    encoder: ChatEncoder,
-    *,
-    start: int = 0,
-    keep: Callable[[int], bool] | None = None,
-) -> Iterator[Sample | Skipped]:
-    """Samples and skipped rows of the files, in row order (see :func:`iter_raw_rows`)."""
-    for raw in iter_raw_rows(paths, start=start, keep=keep):
-        yield encode_row(raw, encoder)
-
-
-@dataclass
-class DataReport:
-    """Counts of skipped rows by kind and reason, with the first few examples of each kind."""
-
-    max_examples: int = 5
-    counts: dict[str, Counter] = field(default_factory=lambda: {MALFORMED: Counter(), ZERO_SUPERVISION: Counter()})
-    examples: dict[str, list[dict]] = field(default_factory=lambda: {MALFORMED: [], ZERO_SUPERVISION: []})
-
-    def add(self, s: Skipped) -> None:
-        self.counts[s.kind][s.reason] += 1
-        if len(self.examples[s.kind]) < self.max_examples:
-            self.examples[s.kind].append(s.to_json())
-
-    def add_json(self, counts: dict[str, dict[str, int]], examples: dict[str, list[dict]]) -> None:
-        for kind, by_reason in counts.items():
-            self.counts.setdefault(kind, Counter()).update(by_reason)
-        for kind, exs in examples.items():
-            room = self.max_examples - len(self.examples.setdefault(kind, []))
-            self.examples[kind].extend(exs[: max(room, 0)])
-
-    def total(self, kind: str) -> int:
-        return sum(self.counts.get(kind, Counter()).values())
-
-    def counts_json(self) -> dict[str, dict[str, int]]:
-        return {k: dict(sorted(v.items())) for k, v in sorted(self.counts.items())}
-
-    def examples_json(self) -> dict[str, list[dict]]:
-        return {k: list(v) for k, v in sorted(self.examples.items())}
-
-    def lines(self) -> list[str]:
-        out = []
-        for kind, title in ((MALFORMED, "malformed rows skipped"),
-                            (ZERO_SUPERVISION, "rows with no supervised token skipped")):
-            n = self.total(kind)
-            if not n:
-                continue
-            reasons = ", ".join(f"{r}: {c}" for r, c in sorted(self.counts[kind].items()))
-            out.append(f"{title}: {n} ({reasons})")
-            for ex in self.examples[kind]:
-                detail = f" ({ex['detail']})" if ex.get("detail") else ""
-                out.append(f"  e.g. {ex['where']} (row {ex['row']}): {ex['reason']}{detail}")
-        return out
-
-    def strict_error(self) -> str | None:
-        """The message ``--strict`` raises, or None when nothing was skipped."""
-        if not (self.total(MALFORMED) or self.total(ZERO_SUPERVISION)):
-            return None
-        return "--strict: " + "; ".join(self.lines())
-
-
-def scan(
-    paths: Sequence[str | Path],
-    encoder: ChatEncoder,
-    *,
-    keep: Callable[[int], bool] | None = None,
-    on_sample: Callable[[Sample], None] | None = None,
-) -> tuple[int, DataReport]:
-    """Encodes every row once: ``(number of samples, report)``; ``on_sample`` sees each."""
-    report = DataReport()
-    n = 0
-    for item in iter_samples(paths, encoder, keep=keep):
-        if isinstance(item, Skipped):
-            report.add(item)
-        else:
-            n += 1
-            if on_sample is not None:
-                on_sample(item)
-    return n, report
-
-
-def load_tokenizer(path: str, tokenizer_class: str | None = None) -> Any:
-    """The tokenizer of a local model directory (nothing is downloaded).
-
-    ``tokenizer_class`` (``module:qualname``, see :func:`tokenizer_class_name`) loads
-    that class directly instead of resolving it through ``AutoTokenizer``, whose
-    resolution imports the model's configuration classes and torch (2.6 s against
-    0.5 s here): what the dump's render process does with its parent's class."""
-    if tokenizer_class:
-        import importlib
-
-        module, _, name = tokenizer_class.partition(":")
-        cls: Any = importlib.import_module(module)
-        for part in name.split("."):
-            cls = getattr(cls, part)
-        return cls.from_pretrained(path, local_files_only=True)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def tokenizer_class_name(tokenizer: Any) -> str:
-    """``module:qualname`` of the tokenizer's class, for :func:`load_tokenizer`."""
-    return f"{type(tokenizer).__module__}:{type(tokenizer).__qualname__}"
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the vocabulary, the chat template and the special ids: what a dump's
-    manifest records, and what the render process proves it loaded."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(tokenizer.get_chat_template()).encode())
-    h.update(json.dumps(list(getattr(tokenizer, "all_special_ids", []))).encode())
-    return h.hexdigest()
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """The tokenizer's special tokens (BOS/EOS/PAD/UNK and its additional special
-    tokens), in the tokenizer's order, without duplicates."""
-    seen: list[int] = []
-    for t in getattr(tokenizer, "all_special_ids", []) or []:
-        if t is not None and int(t) not in seen:
-            seen.append(int(t))
-    return seen
-
-
-def iter_supervised_ids(samples: Iterable[Sample]) -> Iterator[list[int]]:
-    """Supervised token ids of each sample (the tokens at positions 1.. under the mask)."""
-    for s in samples:
-        yield [t for t, m in zip(s.input_ids[1:], s.loss_mask[1:]) if m]

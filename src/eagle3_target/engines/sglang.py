@@ -47,7 +47,8 @@ from eagle3_target.contract import LMHead, validate_aux_layer_ids
 from eagle3_target.engines.common import parse_dtype, text_config
 from eagle3_target.engines.packing import plan_extends, row_spans, scatter_rows
 
-__all__ = ["SGLangTargetRunner", "SGLangUnavailableError", "build", "sglang_dtype_str"]
+__all__ = ["SGLangTargetRunner", "SGLangUnavailableError", "build", "sglang_dtype_str", "MODES",
+           "Eagle3LogitsProcessor", "full_logits", "wrap_logits_processors"]
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""``eagle3-target serve``: flags, the bind-safety rule, and the process lifecycle.
+"""Running a server: the bind-safety rule, the token, the socket, and the process
+lifecycle (:func:`run_server`; the ``serve`` subcommand fills its settings).
 
 Order of events: check flags and the token, bind the socket (loopback by default;
 a non-loopback address needs a token or ``--insecure``), print one ``listening`` line,
@@ -10,20 +11,21 @@ requests finish (queued jobs drain through the engine), close the engine, print
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["register", "run_server", "is_loopback", "read_token", "bind_socket"]
+from eagle3_target.wire import TOKEN_ENV
 
-TOKEN_ENV = "EAGLE3_TARGET_TOKEN"
+if TYPE_CHECKING:
+    from eagle3_target.server.settings import ServerSettings
+
+__all__ = ["run_server", "is_loopback", "read_token", "check_bind", "bind_socket", "TOKEN_ENV", "PREFIX"]
 PREFIX = "eagle3-target serve:"
 
 
@@ -91,39 +93,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(
-    loader: Callable[[], Any],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    token: str | None = None,
-    insecure: bool = False,
-    max_batch_tokens: int = 16384,
-    max_request_bytes: int = 64 << 20,
-    exit_on_disconnect: bool = False,
-    model_name: str = "",
-    engine: str = "",
-    log_level: str = "warning",
-    http: str = "auto",
-) -> int:
+def run_server(loader: Callable[[], Any], settings: "ServerSettings") -> int:
     """Serves the target ``loader()`` builds until SIGTERM/SIGINT; returns the exit code.
 
     ``loader`` runs in the engine worker thread, after the socket is listening.
     """
     import uvicorn
 
-    from eagle3_target.server.app import ServerSettings, create_app
-    from eagle3_target.server.engine import EngineWorker
+    from eagle3_target.server.app import create_app
     from eagle3_target.server.metrics import ServerMetrics
+    from eagle3_target.server.worker import EngineWorker
 
-    check_bind(host, token, insecure)
-    if max_batch_tokens < 1:
-        raise ValueError(f"--max-batch-tokens must be >= 1, got {max_batch_tokens}")
-    if max_request_bytes < 1024:
-        raise ValueError(f"--max-request-bytes must be >= 1024, got {max_request_bytes}")
-    sock = bind_socket(host, port)
+    s = settings
+    check_bind(s.host, s.token, s.insecure)
+    sock = bind_socket(s.host, s.port)
     bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
+    shown = f"[{s.host}]" if ":" in s.host else s.host
     url = f"http://{shown}:{bound}"
 
     metrics = ServerMetrics()
@@ -131,10 +116,10 @@ def run_server(
 
     def on_ready(target: Any) -> None:
         metrics.ready.set(1)
-        _say(f"ready on {url} (model {model_name or '?'}, engine {engine or '?'}, "
+        _say(f"ready on {url} (model {s.model_name or '?'}, engine {s.engine or '?'}, "
              f"{target.num_hidden_layers} layers, hidden {target.hidden_size}, vocab "
              f"{target.vocab_size}, aux layers {target.aux_layer_ids}, "
-             f"auth {'on' if token else 'OFF'}, max batch tokens {max_batch_tokens})")
+             f"auth {'on' if s.token else 'OFF'}, max batch tokens {s.max_batch_tokens})")
 
     def on_failed(exc: BaseException) -> None:
         holder["failed"] = exc
@@ -145,32 +130,28 @@ def run_server(
 
     worker = EngineWorker(
         loader,
-        max_batch_tokens=max_batch_tokens,
+        max_batch_tokens=s.max_batch_tokens,
         on_ready=on_ready,
         on_failed=on_failed,
         on_batch=metrics.observe_batch,
         on_queue=metrics.queue_depth.set,
         on_oom=metrics.oom.inc,
     )
-    settings = ServerSettings(token=token, max_request_bytes=max_request_bytes,
-                              max_batch_tokens=max_batch_tokens,
-                              exit_on_disconnect=exit_on_disconnect, model_name=model_name,
-                              engine=engine)
 
     def request_shutdown() -> None:
         server = holder.get("server")
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, worker, metrics, request_shutdown=request_shutdown)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=60, server_header=False, http=http)
+    app = create_app(s, worker, metrics, request_shutdown=request_shutdown)
+    config = uvicorn.Config(app, log_level=s.log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=60, server_header=False, http=s.http)
     server = uvicorn.Server(config)
     holder["server"] = server
     # uvicorn re-raises the signal it caught once it has shut down gracefully; with our
     # handler in place that re-raise is a no-op and the process exits 0.
     stop_signals: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, _f: stop_signals.append(s))
+    previous = {sig: signal.signal(sig, lambda sg, _f: stop_signals.append(sg))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     _say(f"listening on {url} (loading the model; /health answers 503 until ready)")
     try:
@@ -183,62 +164,3 @@ def run_server(
         return 1
     _say("stopped")
     return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from eagle3_target.cli import load_target, parse_engine_args, resolve_model
-
-    token = read_token(args.token_file)
-    check_bind(args.host, token, args.insecure)  # before any heavy import or model build
-    engine_kwargs: dict[str, Any] = {}
-    if args.engine == "sglang" and "max_batch_tokens" not in parse_engine_args(args.engine_arg):
-        # Size SGLang's KV pool for the largest engine call this server will make.
-        engine_kwargs["max_batch_tokens"] = args.max_batch_tokens
-    model = resolve_model(args.model)
-    args.model = model
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_server(
-        lambda: load_target(args, **engine_kwargs),
-        host=args.host,
-        port=args.port,
-        token=token,
-        insecure=args.insecure,
-        max_batch_tokens=args.max_batch_tokens,
-        max_request_bytes=args.max_request_bytes,
-        exit_on_disconnect=args.exit_on_disconnect,
-        model_name=model,
-        engine=args.engine,
-        log_level=args.log_level,
-        http=args.http,
-    )
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from eagle3_target.cli import add_model_args
-
-    p = sub.add_parser(
-        "serve", help="serve supervision over HTTP (native /v1 protocol + NeMo-compatible endpoints)",
-        description="Runs the target in this process and serves EAGLE-3 supervision to trainers: "
-                    "the native /v1 protocol (docs/protocol.md) and NeMo Automodel's remote-target "
-                    "endpoints. Binds 127.0.0.1 by default; a non-loopback --host needs a token "
-                    f"(--token-file or ${TOKEN_ENV}) unless --insecure is given.")
-    add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
-    p.add_argument("--token-file", default=None,
-                   help=f"file whose first line is the access token (else ${TOKEN_ENV})")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback bind without a token")
-    p.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="rows x longest row per engine call; also the per-request cap (413 above)")
-    p.add_argument("--max-request-bytes", type=int, default=64 << 20,
-                   help="request body cap in bytes (413 above; default 64 MiB)")
-    p.add_argument("--exit-on-disconnect", action="store_true",
-                   help="shut down when a NeMo client POSTs /disconnect (NeMo's own server does)")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"], help="server log level")
-    p.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
-                   help="uvicorn's HTTP/1.1 implementation (auto: httptools, the faster one, "
-                        "when installed)")
-    p.set_defaults(func=_cmd_serve)

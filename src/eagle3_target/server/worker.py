@@ -1,11 +1,12 @@
-"""The engine worker: one thread that owns the target model and batches requests.
+"""The batching worker: one thread that owns the target model and batches requests.
 
 HTTP handlers never touch the model's forward. They validate a request, wrap it as a
 :class:`Job` and :meth:`EngineWorker.submit` it; the worker thread takes the oldest
 job, packs every queued job of the same kind (``logits`` or ``hidden`` forward) that
 fits ``max_batch_tokens`` (rows x longest row, right-padded) into one engine call,
 splits the outputs back by row range, and finishes each job's own post-processing
-(EAGLE-3 shift, draft projection, top-k, dtype) before resolving its future. GPU results
+(:mod:`.outputs`: EAGLE-3 shift, draft projection, top-k, dtype) before resolving its
+future. GPU results
 go to pinned host memory on a side stream, so the next engine call launches while the
 copy drains. Decoding and encoding bodies happen in the handlers' threads, so they
 overlap with the next engine call; there is no lock around a whole request.
@@ -29,10 +30,14 @@ from typing import Any
 
 import torch
 
-from eagle3_target.contract import Eagle3TargetModel, HiddenRunner, shift_left_with_zero
-from eagle3_target.vocab import VocabMapping, compute_target_distribution
+from eagle3_target.contract import Eagle3TargetModel, HiddenRunner
+from eagle3_target.engines.packing import right_pad
+from eagle3_target.errors import EngineFailed, EngineOverloaded, WorkerUnavailable
+from eagle3_target.server.outputs import postprocess
+from eagle3_target.vocab import VocabMapping
+from eagle3_target.wire.v1 import MODES, NEMO_GENERATE
 
-__all__ = ["Job", "EngineWorker", "EngineOverloaded", "EngineFailed", "postprocess", "forward_kind"]
+__all__ = ["Job", "EngineWorker", "forward_kind"]
 
 log = logging.getLogger("eagle3_target.server")
 
@@ -43,21 +48,10 @@ _OOM_TYPES: tuple[type[BaseException], ...] = tuple(
 )
 
 
-class EngineOverloaded(RuntimeError):
-    """The engine ran out of memory on this request alone; retry later or split it."""
-
-
-class EngineFailed(RuntimeError):
-    """The engine raised on this request alone (logged server-side)."""
-
-
-class WorkerUnavailable(RuntimeError):
-    """The worker is loading, failed to load, or is stopping."""
-
-
 def forward_kind(mode: str) -> str:
-    """Which engine forward a mode needs: ``hidden`` skips the LM head."""
-    return "hidden" if mode == "hidden" else "logits"
+    """Which engine forward a mode needs (the mode table's ``forward``): ``hidden``
+    skips the LM head."""
+    return (NEMO_GENERATE if mode == NEMO_GENERATE.name else MODES[mode]).forward
 
 
 @dataclass(eq=False)
@@ -106,55 +100,6 @@ class Job:
     @property
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum())
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-
-@torch.no_grad()
-def postprocess(job: Job, out: torch.Tensor, aux: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One job's response tensors from its slice of the engine output (engine device).
-
-    Args:
-        out: unshifted ``logits [B,S,V]`` (kind ``logits``) or ``final_hidden [B,S,H]``
-            (kind ``hidden``), engine dtype, engine device.
-        aux: ``[B,S,3H]`` engine dtype, unshifted.
-
-    Every sequence output is shifted exactly as ``Eagle3TargetModel.generate_batch``
-    shifts (left by one, zero tail), so a server response equals the in-process result.
-    """
-    dt = job.out_dtype
-    res: dict[str, torch.Tensor] = {"aux_hidden_states": _cast(aux, dt)}
-    if job.mode == "hidden":
-        res["final_hidden"] = _cast(shift_left_with_zero(out), dt)
-    elif job.mode == "logits":
-        res["logits"] = _cast(shift_left_with_zero(out), dt)
-    elif job.mode in ("draft", "nemo"):
-        if job.mapping is None or job.loss_mask is None:
-            raise ValueError(f"{job.mode} mode needs a vocab mapping and a loss_mask")
-        loss = shift_left_with_zero(job.loss_mask.to(out.device))
-        probs, pmask = compute_target_distribution(
-            shift_left_with_zero(out), job.mapping.selected_token_ids,
-            job.mapping.selected_token_mask, loss)
-        res["target_probs"] = _cast(probs, dt)
-        res["position_mask"] = pmask
-        if job.mode == "nemo":
-            # NeMo's response order: aux_hidden_states, target_probs, position_mask,
-            # input_ids, loss_mask (the last two shifted, in the dtype received).
-            res["input_ids"] = shift_left_with_zero(job.input_ids)
-            res["loss_mask"] = shift_left_with_zero(job.loss_mask)
-    elif job.mode == "topk":
-        if job.k is None:
-            raise ValueError("topk mode needs k")
-        values, indices = out.topk(job.k, dim=-1)
-        lse = torch.logsumexp(out.float(), dim=-1)
-        res["topk_values"] = _cast(shift_left_with_zero(values), dt)
-        res["topk_indices"] = shift_left_with_zero(indices.to(torch.int32))
-        res["logsumexp"] = _cast(shift_left_with_zero(lse), dt)
-    else:
-        raise ValueError(f"unknown mode {job.mode!r}")
-    return res
 
 
 class EngineWorker:
@@ -311,13 +256,12 @@ class EngineWorker:
         kind = batch[0].kind
         rows = sum(j.rows for j in batch)
         seq = max(j.seq_len for j in batch)
-        ids = torch.zeros((rows, seq), dtype=torch.int64)
-        mask = torch.zeros((rows, seq), dtype=torch.int64)
+        # Each job's rows as sent (its own pads included), right-padded to the longest.
+        ids = right_pad([r for job in batch for r in job.input_ids], 0)
+        mask = right_pad([r for job in batch for r in job.attention_mask], 0)
         spans = []
         r = 0
         for job in batch:
-            ids[r:r + job.rows, :job.seq_len] = job.input_ids
-            mask[r:r + job.rows, :job.seq_len] = job.attention_mask
             spans.append((r, r + job.rows))
             r += job.rows
         t0 = time.perf_counter()

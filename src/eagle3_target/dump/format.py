@@ -1,7 +1,7 @@
 """The on-disk format of a dump: names, manifests, shard files and their writer.
 
-Owns everything that touches bytes on disk for :mod:`eagle3_target.dump` (the writer
-job), :mod:`eagle3_target.verify` and :mod:`eagle3_target.reader`.
+Owns everything that touches bytes on disk for the dump job (:mod:`.job`), the checker
+(:mod:`.verify`) and the reader (:mod:`.reader`).
 
 Layout of a dump folder (worker ``i`` of ``K``; ``K == 1`` drops ``-iiiii-of-KKKKK``)::
 
@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import queue
-import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,35 +42,27 @@ from typing import Any, Callable, Sequence
 import torch
 
 from eagle3_target.contract import LMHead
-from eagle3_target.st_stream import byte_view, layout_pieces
+from eagle3_target.dump.faults import kill_point
+from eagle3_target.dump.host import host_copy
+from eagle3_target.dump.modes import MODES
+from eagle3_target.wire.st_stream import byte_view, layout_pieces
 
 __all__ = [
-    "FORMAT", "LM_HEAD_FILE", "KILL_ENV", "ShardJob", "ShardWriter", "shard_layout", "pack_shard",
-    "stream_to_file", "host_copy", "tmp_path",
+    "FORMAT", "LM_HEAD_FILE", "ShardJob", "ShardWriter", "shard_layout", "pack_shard",
+    "stream_to_file", "tmp_path", "write_atomic", "json_bytes", "config_sha256", "model_fingerprint",
+    "dtype_name", "header_meta", "read_header_meta", "fsync_dir",
     "expected_fields", "manifest_paths", "read_manifest", "save_lm_head", "load_lm_head",
     "sha256_file", "check_shard_file",
 ]
 
 FORMAT = "eagle3-dump-v1"
 LM_HEAD_FILE = "lm_head.safetensors"
-KILL_ENV = "EAGLE3_TARGET_DUMP_KILL_AT"
 
 
 def expected_fields(config: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
-    """Per-token tensors of a shard: name -> (dtype name, width or None for 1-D)."""
-    dt, h = config["dtype"], config["hidden_size"]
-    out: dict[str, tuple[str, int | None]] = {
-        "input_ids": ("int64", None), "loss_mask": ("uint8", None),
-        "aux_hidden_states": (dt, 3 * h)}
-    mode = config["mode"]
-    if mode == "hidden":
-        out["hidden_states"] = (dt, h)
-    elif mode == "logits":
-        out["logits"] = (dt, config["vocab_size"])
-    else:
-        out["target_probs"] = ("float32", config["draft_vocab_size"])
-        out["position_mask"] = ("bool", None)
-    return out
+    """Per-token tensors of a shard of this configuration: name -> (dtype name, width or
+    None for 1-D), from the mode table."""
+    return MODES[config["mode"]].expected(config)
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -118,18 +109,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def kill_point(name: str) -> None:
-    """Fault injection for the resume tests: ``EAGLE3_TARGET_DUMP_KILL_AT=name:n`` kills
-    this process with SIGKILL the n-th time it passes ``name``."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec or not spec.startswith(name + ":"):
-        return
-    counts = kill_point.__dict__.setdefault("counts", {})
-    counts[name] = counts.get(name, 0) + 1
-    if counts[name] == int(spec.split(":")[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def manifest_paths(path: str | Path) -> list[Path]:
     """The manifests in a dump folder (one per worker)."""
     d = Path(path)
@@ -171,66 +150,14 @@ def save_lm_head(path: Path, head: LMHead, tmp_tag: str) -> tuple[str, int]:
     the head lives on a GPU), so a dump can write its 1 GB head on a background thread
     while the target runs.
     """
-    parts = {"weight": [host_copy(head.weight.detach())]}
-    if head.bias is not None:
-        parts["bias"] = [host_copy(head.bias.detach())]
-    meta = {"format": FORMAT, "scale": float(head.scale), "softcap": head.softcap}
-    header, pieces = layout_pieces(parts, header_meta(meta))
+    tensors, scalars = head.to_tensors(scalars="metadata")  # v1: scale and softcap in the header
+    parts = {k: [host_copy(v)] for k, v in tensors.items()}
+    header, pieces = layout_pieces(parts, header_meta({"format": FORMAT, **scalars}))
     tmp = tmp_path(path, tmp_tag)
     sha, size = stream_to_file(tmp, header, pieces)
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return sha, size
-
-
-def pin_threads_ok(threads: Any) -> bool:
-    """0 (torch's default pinning) or what torch takes for ``pinned_num_register_threads``:
-    a power of two up to 128."""
-    return (isinstance(threads, int) and not isinstance(threads, bool) and 0 <= threads <= 128
-            and not threads & (threads - 1))
-
-
-def threaded_pinning(threads: int) -> str | None:
-    """Makes torch grow its pinned host pool by malloc, page faults on ``threads``
-    threads and ``cudaHostRegister`` instead of one ``cudaHostAlloc`` per block; returns
-    the setting applied, or None where it was left alone (``threads == 0``, or the user
-    set a ``pinned_`` option in ``PYTORCH_CUDA_ALLOC_CONF``/``PYTORCH_ALLOC_CONF``).
-
-    Why: on an H100 host ``cudaHostAlloc`` pinned ~1.5 GB/s and held the driver lock
-    the engine's launches also need; with 8 threads the dump's ~3 GiB pool took 0.5 s
-    instead of 2.5 s. The setting is torch's, process-wide, and read at each new block.
-    """
-    if threads <= 0:
-        return None
-    if not pin_threads_ok(threads):
-        raise ValueError(f"pin threads must be a power of two up to 128 (torch's rule), got {threads}")
-    if any("pinned_" in os.environ.get(v, "") for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
-        return None
-    conf = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
-    set_allocator_settings(conf)
-    return conf
-
-
-def set_allocator_settings(conf: str) -> None:
-    """torch's allocator options at run time (the ``PYTORCH_CUDA_ALLOC_CONF`` syntax)."""
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None:  # torch before 2.9
-        setter = torch.cuda.memory._set_allocator_settings
-    setter(conf)
-
-
-def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a contiguous CPU tensor (a pinned copy when ``t`` is on a GPU).
-
-    Pageable device-to-host copies ran at ~1.5 GB/s on an H100 host (page faults on
-    fresh memory), pinned ones at ~54 GB/s; torch caches pinned blocks, so the next
-    batch of the same size reuses them.
-    """
-    if not t.is_cuda:
-        return t.to("cpu").contiguous()
-    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    h.copy_(t)
-    return h
 
 
 def load_lm_head(path: str | Path, device: str | torch.device | None = None) -> LMHead:
@@ -240,13 +167,13 @@ def load_lm_head(path: str | Path, device: str | torch.device | None = None) -> 
     dev = str(device or "cpu")
     with safe_open(str(path), framework="pt", device=dev) as f:
         meta = read_header_meta(f)
-        weight = f.get_tensor("weight")
-        bias = f.get_tensor("bias") if "bias" in f.keys() else None
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an {FORMAT} LM head")
-    softcap = meta.get("softcap")
-    return LMHead(weight=weight, bias=bias, scale=float(meta["scale"]),
-                  softcap=float(softcap) if softcap else None)
+    try:
+        return LMHead.from_tensors(tensors, meta)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def header_meta(obj: dict[str, Any]) -> dict[str, str]:

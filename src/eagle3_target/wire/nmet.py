@@ -28,7 +28,9 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["MAGIC", "DTYPE_CODES", "NMETError", "encode", "decode"]
+from eagle3_target.errors import NMETError
+
+__all__ = ["MAGIC", "DTYPE_CODES", "NMETError", "encode", "decode", "MAX_KEY_BYTES", "MAX_NDIM", "MAX_ENTRIES"]
 
 MAGIC = 0x4E4D4554
 
@@ -55,10 +57,6 @@ MAX_ENTRIES = 64
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
-
-
-class NMETError(ValueError):
-    """A body that is not a well-formed NMET blob."""
 
 
 def encode(tensors: Mapping[str, torch.Tensor | None]) -> bytes:

@@ -1,7 +1,8 @@
-"""``eagle3-target demo``: the main job end to end on the built-in tiny model.
+"""The demo's steps: the main job end to end on the built-in tiny model.
 
-What ``make demo`` runs. Each step is a small function that prints one section, so
-later capabilities (the server, the dump) add a step, not a new command.
+What ``make demo`` runs (``eagle3-target demo``). Each step is a small function that
+prints one section, so later capabilities add a step, not a new command; the server
+step is :mod:`.demo_server`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["register", "STEPS"]
+__all__ = ["STEPS", "CONVERSATIONS", "DemoContext", "run_demo", "step_in_process", "step_draft_vocab",
+           "step_server", "step_offline_dump"]
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are a concise assistant."},
@@ -40,6 +42,7 @@ class DemoContext:
         from transformers import AutoTokenizer
 
         from eagle3_target import Eagle3TargetModel
+        from eagle3_target.engines.packing import lengths_mask, right_pad
 
         self.model_dir = model_dir
         self.workdir = workdir
@@ -52,15 +55,9 @@ class DemoContext:
                                                    return_assistant_tokens_mask=True)
             rows.append(r["input_ids"])
             masks.append(r["assistant_masks"])
-        s = max(len(r) for r in rows)
-        b = len(rows)
-        self.input_ids = torch.full((b, s), self.tokenizer.pad_token_id, dtype=torch.int64)
-        self.attention_mask = torch.zeros((b, s), dtype=torch.int64)
-        self.loss_mask = torch.zeros((b, s), dtype=torch.int64)
-        for i, (r, m) in enumerate(zip(rows, masks)):
-            self.input_ids[i, : len(r)] = torch.tensor(r)
-            self.attention_mask[i, : len(r)] = 1
-            self.loss_mask[i, : len(r)] = torch.tensor(m)
+        self.input_ids = right_pad(rows, self.tokenizer.pad_token_id)
+        self.attention_mask = lengths_mask([len(r) for r in rows])
+        self.loss_mask = right_pad(masks, 0)
         self.results: dict[str, Any] = {}
 
 
@@ -103,16 +100,14 @@ def step_draft_vocab(ctx: DemoContext) -> None:
 
 
 def step_server(ctx: DemoContext) -> None:
-    from eagle3_target.server.demo import step_server as run
+    from eagle3_target.cli.demo_server import step_server as run
 
     run(ctx)
 
 
 def step_offline_dump(ctx: DemoContext) -> None:
-    from eagle3_target.data.chat import sample_data_path
-    from eagle3_target.dump import DumpConfig, run_dump
-    from eagle3_target.verify import verify_dump
-    from eagle3_target.reader import Eagle3Dataset
+    from eagle3_target.data.rows import sample_data_path
+    from eagle3_target.dump import DumpConfig, Eagle3Dataset, run_dump, verify_dump
 
     data = ctx.workdir / "chats.jsonl"
     data.write_text("\n".join(sample_data_path().read_text().splitlines()[:64]) + "\n")
@@ -141,9 +136,10 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from eagle3_target.cli import _quiet_transformers, resolve_model
+    from eagle3_target.engines.common import quiet_transformers
+    from eagle3_target.tiny import resolve_model
 
-    _quiet_transformers()
+    quiet_transformers()
     model_dir = resolve_model(args.model)
     with tempfile.TemporaryDirectory(prefix="eagle3-demo-") as tmp:
         ctx = DemoContext(model_dir, Path(tmp))
@@ -155,9 +151,3 @@ def run_demo(args: argparse.Namespace) -> int:
             ctx.target.close()
     print("\ndemo finished: all steps ran")
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on the built-in tiny model and summarise it")
-    p.add_argument("--model", default=None, help="model directory (default: built-in tiny model)")
-    p.set_defaults(func=run_demo)

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from eagle3_target.errors import SafetensorsFormatError
+
 __all__ = ["ST_DTYPES", "SafetensorsFormatError", "header_bytes", "layout", "layout_pieces", "byte_view",
            "decode_buffer", "MAX_HEADER_BYTES"]
 
@@ -53,10 +55,6 @@ _BY_NAME: dict[str, torch.dtype] = {n: d for n, d in _RANKED}
 
 # The library's own cap on the JSON header (safetensors::tensor::MAX_HEADER_SIZE).
 MAX_HEADER_BYTES = 100_000_000
-
-
-class SafetensorsFormatError(ValueError):
-    """A body that is not valid safetensors; the message names the problem."""
 
 
 def header_bytes(entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],

@@ -11,17 +11,18 @@ calling ``generate_batch``. What this module owns:
   the logits on the trainer's ``device`` with the LM head fetched once from
   ``/v1/lm_head`` (then the draft distribution, once :meth:`set_vocab_mapping` was
   called); ``topk`` is sparse and served by :meth:`generate_topk`;
-- spreading requests over several servers (least in flight first), failing over on a
-  connection error or 502/503/504, retrying with exponential backoff; every endpoint
+- spreading requests over several servers (:mod:`.failover`: least in flight first),
+  failing over on a connection error or 502/503/504, retrying with exponential
+  backoff; every endpoint
   it calls is idempotent (supervision is a pure function of the inputs, mappings are
   content-addressed), so a retry can never double-count a batch;
 - ``generate_batch_async`` and :meth:`prefetch`, a bounded in-order prefetch iterator;
 - the bulk read path: a response body goes from the socket straight into one buffer
-  (pinned host memory when ``device`` is CUDA; :mod:`eagle3_target.http_pool` says why
+  (pinned host memory when ``device`` is CUDA; :mod:`.http_pool` says why
   ``http.client`` and not httpx), its tensors are zero-copy views into that buffer
-  (:func:`eagle3_target.st_stream.decode_buffer`, strictly validated: the library's
+  (:func:`eagle3_target.wire.st_stream.decode_buffer`, strictly validated: the library's
   ``load(bytes)`` would copy every tensor into fresh pageable memory), and they reach
-  the device by pinned-to-device copies.
+  the device by pinned-to-device copies; every answer is checked (:mod:`.answers`).
 
 Errors: :class:`RemoteTargetError` (the server refused the request: status, error
 code, detail; never retried, except ``unknown_mapping``, answered by registering the
@@ -31,7 +32,6 @@ answered within the retries).
 
 from __future__ import annotations
 
-import base64
 import collections
 import concurrent.futures
 import random
@@ -41,7 +41,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import torch
 
@@ -50,47 +49,24 @@ from eagle3_target.contract import (
     LMHead,
     shift_left_with_zero,
     validate_batch_inputs,
+    zero_tail,
 )
-from eagle3_target.server.protocol import (
+from eagle3_target.client.answers import check_outputs, decode_tensors, error_from, lm_head_from
+from eagle3_target.client.failover import Server, Servers
+from eagle3_target.client.http_pool import Reply
+from eagle3_target.errors import RemoteTargetError, RemoteTargetUnavailable, TransportError
+from eagle3_target.wire.v1 import (
     MAX_TOPK,
     MODES,
     OUTPUT_DTYPES,
     SupervisionParams,
     encode_safetensors,
 )
-from eagle3_target.http_pool import HttpPool, Reply, TransportError
-from eagle3_target.st_stream import SafetensorsFormatError, decode_buffer
 from eagle3_target.vocab import VocabMapping, compute_target_distribution
 
-__all__ = ["RemoteTarget", "RemoteTargetError", "RemoteTargetUnavailable", "TopKBatch"]
+__all__ = ["RemoteTarget", "TopKBatch"]
 
 _RETRY_STATUS = (502, 503, 504)
-
-
-class RemoteTargetError(RuntimeError):
-    """The server answered with an error (not retried)."""
-
-    def __init__(self, message: str, *, status: int | None = None, error: str | None = None,
-                 detail: str | None = None, url: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.url = url
-
-    @classmethod
-    def from_response(cls, resp: Reply) -> "RemoteTargetError":
-        try:
-            body = resp.json()
-            error, detail = body.get("error"), body.get("detail")
-        except (ValueError, AttributeError):
-            error, detail = None, resp.text[:500]
-        return cls(f"{resp.method} {resp.url} -> {resp.status_code} {error}: {detail}",
-                   status=resp.status_code, error=error, detail=detail, url=resp.url)
-
-
-class RemoteTargetUnavailable(RemoteTargetError):
-    """No server answered the request within the retries."""
 
 
 @dataclass
@@ -112,51 +88,6 @@ class TopKBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
-
-
-def _split_userinfo(url: str) -> tuple[str, str | None]:
-    """``(URL without userinfo, Basic Authorization header value or None)``."""
-    parts = urlsplit(url.rstrip("/"))
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"server URL {url!r}: expected http(s)://host:port")
-    auth = None
-    if parts.username is not None or parts.password is not None:
-        cred = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
-        auth = "Basic " + base64.b64encode(cred.encode("utf-8")).decode("ascii")
-    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", "")), auth
-
-
-class _Server:
-    """One server: its connections and health as seen from here."""
-
-    def __init__(self, url: str, *, token: str | None, timeout: float, pool: int):
-        self.url, basic = _split_userinfo(url)
-        auth = f"Bearer {token}" if token else basic
-        # Direct peers: no ambient HTTP(S) proxy is consulted (http.client never does).
-        self.http = HttpPool(self.url, headers={"Authorization": auth} if auth else None,
-                             timeout=timeout, connect_timeout=min(10.0, timeout),
-                             max_idle=pool)
-        self.in_flight = 0
-        self.down_until = 0.0
-        self.failures = 0
-        self.verified = False
-        self.mappings: set[str] = set()
-
-    def healthy(self, now: float) -> bool:
-        return now >= self.down_until
-
-    def mark_down(self, retry_after: float | None = None) -> None:
-        self.failures += 1
-        self.verified = False  # it may come back serving something else
-        cool = retry_after if retry_after is not None else min(30.0, 0.5 * 2 ** (self.failures - 1))
-        self.down_until = time.monotonic() + cool
-
-    def mark_up(self) -> None:
-        self.failures = 0
-        self.down_until = 0.0
 
 
 class RemoteTarget:
@@ -215,10 +146,8 @@ class RemoteTarget:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_in_flight = max_in_flight or max(2, 2 * len(url_list))
-        self._servers = [_Server(u, token=token, timeout=timeout, pool=self.max_in_flight)
-                         for u in url_list]
+        self._servers = Servers(url_list, token=token, timeout=timeout, pool=self.max_in_flight)
         self._lock = threading.Lock()
-        self._rr = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._mapping: VocabMapping | None = None
         self._device_mapping: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -245,27 +174,7 @@ class RemoteTarget:
     def urls(self) -> list[str]:
         return [s.url for s in self._servers]
 
-    def _pick(self) -> _Server:
-        with self._lock:
-            now = time.monotonic()
-            healthy = [s for s in self._servers if s.healthy(now)]
-            pool = healthy or [min(self._servers, key=lambda s: s.down_until)]
-            low = min(s.in_flight for s in pool)
-            ties = [s for s in pool if s.in_flight == low]
-            self._rr += 1
-            srv = ties[self._rr % len(ties)]
-            srv.in_flight += 1
-            return srv
-
-    def _release(self, srv: _Server) -> None:
-        with self._lock:
-            srv.in_flight -= 1
-
-    def _any_healthy(self) -> bool:
-        now = time.monotonic()
-        return any(s.healthy(now) for s in self._servers)
-
-    def _verify(self, srv: _Server) -> None:
+    def _verify(self, srv: Server) -> None:
         """First contact with a server: it must serve the same model as the others (the
         first answer, taken in the constructor, is the reference)."""
         info = getattr(self, "info", None)
@@ -276,7 +185,7 @@ class RemoteTarget:
         if resp.status_code >= 400:
             if resp.status_code in _RETRY_STATUS:
                 raise TransportError(f"{srv.url} answered {resp.status_code}")
-            raise RemoteTargetError.from_response(resp)
+            raise error_from(resp)
         theirs = resp.json()
         keys = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
         if any(theirs.get(k) != info.get(k) for k in keys):
@@ -295,7 +204,7 @@ class RemoteTarget:
         sleeps = 0
         last: BaseException | None = None
         while True:
-            srv = self._pick()
+            srv = self._servers.pick()
             retry_after: float | None = None
             try:
                 self._verify(srv)
@@ -313,7 +222,7 @@ class RemoteTarget:
                     srv.mark_up()
                     self.stats[f"served_by:{srv.url}"] += 1
                     return resp
-                err = RemoteTargetError.from_response(resp)
+                err = error_from(resp)
                 if resp.status_code in _RETRY_STATUS:
                     last = err
                     ra = resp.headers.get("retry-after", "")
@@ -330,14 +239,14 @@ class RemoteTarget:
                 else:
                     raise err
             finally:
-                self._release(srv)
+                self._servers.release(srv)
             if attempt >= self.retries:
                 raise RemoteTargetUnavailable(
                     f"{method} {path} failed on {len(self._servers)} server(s) after "
                     f"{attempt + 1} attempts; last error: {type(last).__name__}: {last}") from last
             attempt += 1
             self.stats["retries"] += 1
-            if self._any_healthy():
+            if self._servers.any_healthy():
                 self.stats["failovers"] += 1
                 continue
             delay = min(self.max_backoff, self.backoff * 2 ** sleeps)
@@ -354,24 +263,7 @@ class RemoteTarget:
         return torch.empty(n, dtype=torch.uint8, pin_memory=self._pin)
 
     def _tensors(self, resp: Reply) -> dict[str, torch.Tensor]:
-        """The safetensors body of ``resp`` as tensors on ``device``. On the CPU they are
-        views into the body's buffer; on CUDA, pinned-to-device copies (waited for
-        here, so the tensors are ready on any stream when this returns)."""
-        buf = resp.buffer
-        if buf is None:  # no Content-Length (never from our server): one copy
-            buf = torch.frombuffer(bytearray(resp.body or b""), dtype=torch.uint8)
-        try:
-            tensors, _meta = decode_buffer(buf, what=f"the response of {resp.method} {resp.url}")
-        except SafetensorsFormatError as e:
-            raise RemoteTargetError(str(e), status=resp.status_code, error="bad_response",
-                                    detail=str(e), url=resp.url) from None
-        if self.device.type != "cuda":
-            return {k: v.to(self.device) for k, v in tensors.items()}
-        out = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
-        done.synchronize()
-        return out
+        return decode_tensors(resp, self.device)
 
     # ------------------------------------------------------------------ metadata
     def get_input_embeddings(self) -> SimpleNamespace:
@@ -384,15 +276,8 @@ class RemoteTarget:
     def lm_head(self) -> LMHead:
         """The target's LM head on ``device`` (fetched once from ``/v1/lm_head``)."""
         if self._head is None:
-            t = self._tensors(self._request("GET", "/v1/lm_head", bulk=True))
-            softcap = t.get("logit_softcap")
-            bias = t.get("bias")
-            self._head = LMHead(
-                weight=t["weight"].to(self.device),
-                bias=None if bias is None else bias.to(self.device),
-                scale=float(t["logit_scale"]) if "logit_scale" in t else 1.0,
-                softcap=None if softcap is None else float(softcap),
-            )
+            resp = self._request("GET", "/v1/lm_head", bulk=True)
+            self._head = lm_head_from(resp, self._tensors(resp), self.device)
         return self._head
 
     def set_vocab_mapping(self, selected_token_ids: torch.Tensor | VocabMapping,
@@ -420,13 +305,13 @@ class RemoteTarget:
                 except TransportError:
                     srv.mark_down()  # registered on first use after it comes back
 
-    def _register(self, srv: _Server, mapping: VocabMapping) -> None:
+    def _register(self, srv: Server, mapping: VocabMapping) -> None:
         body = encode_safetensors({"selected_token_ids": mapping.selected_token_ids,
                                    "selected_token_mask": mapping.selected_token_mask})
         resp = srv.http.request("POST", "/v1/vocab_mapping", body=body,
                                 headers={"Content-Type": "application/octet-stream"})
         if resp.status_code >= 400:
-            raise RemoteTargetError.from_response(resp)
+            raise error_from(resp)
         got = resp.json().get("mapping_id")
         if got != mapping.mapping_id:
             raise RemoteTargetError(f"{srv.url} registered mapping {got}, expected "
@@ -454,7 +339,9 @@ class RemoteTarget:
         })
         resp = self._request("POST", "/v1/supervision", params=self._params(mode, k), content=body,
                              bulk=True)
-        return self._tensors(resp)
+        tensors = self._tensors(resp)
+        check_outputs(resp, mode, tensors)
+        return tensors
 
     def _frame(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -480,29 +367,24 @@ class RemoteTarget:
         """
         if self.mode == "topk":
             raise ValueError("mode='topk' gives sparse supervision: call generate_topk()")
-        dev = self.device
         t = self._supervision(self.mode, input_ids, attention_mask, loss_mask)
         frame = self._frame(input_ids, attention_mask, loss_mask)
-        aux = t["aux_hidden_states"].to(dev)
-        if self.mode == "logits":
-            return Eagle3TargetBatch(aux_hidden_states=aux, logits=t["logits"].to(dev), **frame)
-        if self.mode == "draft":
-            return Eagle3TargetBatch(aux_hidden_states=aux, target_probs=t["target_probs"].to(dev),
-                                     position_mask=t["position_mask"].to(dev), **frame)
-        logits = self.logits_from_hidden(t["final_hidden"].to(dev))
-        if self._device_mapping is None:
-            return Eagle3TargetBatch(aux_hidden_states=aux, logits=logits, **frame)
-        probs, pmask = compute_target_distribution(logits, *self._device_mapping,
-                                                   frame["loss_mask"])
-        return Eagle3TargetBatch(aux_hidden_states=aux, target_probs=probs, position_mask=pmask,
-                                 **frame)
+        # The answer's tensors are Eagle3TargetBatch fields by name, but for hidden mode,
+        # whose final state becomes logits (and then the draft form) here.
+        fields = {k: t[k].to(self.device) for k in MODES[self.mode].outputs}
+        if "final_hidden" in fields:
+            logits = self.logits_from_hidden(fields.pop("final_hidden"))
+            if self._device_mapping is None:
+                fields["logits"] = logits
+            else:
+                fields["target_probs"], fields["position_mask"] = compute_target_distribution(
+                    logits, *self._device_mapping, frame["loss_mask"])
+        return Eagle3TargetBatch(**fields, **frame)
 
     def logits_from_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """Shifted ``final_hidden [B,S,H]`` -> shifted logits ``[B,S,V]`` (zero tail), as
         the server's ``logits`` mode would send them."""
-        logits = self.lm_head()(final_hidden.to(self.device))
-        logits[:, -1] = 0  # the shifted tail is zero in every mode
-        return logits
+        return zero_tail(self.lm_head()(final_hidden.to(self.device)))
 
     @torch.no_grad()
     def generate_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -580,8 +462,7 @@ class RemoteTarget:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        for srv in self._servers:
-            srv.http.close()
+        self._servers.close()
 
     def __enter__(self) -> "RemoteTarget":
         return self

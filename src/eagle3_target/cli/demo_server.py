@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["step_server"]
+__all__ = ["step_server", "TIMED_RUNS"]
 
 TIMED_RUNS = 5
 

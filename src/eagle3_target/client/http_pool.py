@@ -27,12 +27,9 @@ from urllib.parse import urlencode, urlsplit
 
 import torch
 
+from eagle3_target.errors import TransportError
+
 __all__ = ["HttpPool", "Reply", "TransportError"]
-
-
-class TransportError(Exception):
-    """No complete answer: connection refused or reset, timeout, malformed or cut-off
-    response. Safe to retry (every request the client sends is idempotent)."""
 
 
 @dataclass

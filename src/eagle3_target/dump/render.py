@@ -2,7 +2,8 @@
 
 Owns :class:`RenderProcess` (the parent's side), :func:`iter_samples_handover` (the
 dump's sample stream) and :func:`main` (the child, ``python -m
-eagle3_target.data.render_process``).
+eagle3_target.dump.render``). The child imports no torch: ``eagle3_target.dump``
+loads its names lazily, and this module needs only the data modules.
 
 Why a process: the chat template is pure Python, and on a thread of the dump it shares
 the GIL with the engine. PyTorch drops the GIL around every op it dispatches, so a busy
@@ -48,11 +49,12 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from eagle3_target.data.chat import (
-    ChatEncoder, Sample, Skipped, encode_row, iter_raw_rows, load_tokenizer, tokenizer_fingerprint, worker_owns,
-)
+from eagle3_target.data.chat import ChatEncoder
+from eagle3_target.data.samples import Sample, Skipped, encode_row
+from eagle3_target.data.rows import iter_raw_rows, worker_owns
+from eagle3_target.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["RenderJob", "RenderProcess", "iter_samples_handover", "main"]
+__all__ = ["RenderJob", "RenderProcess", "iter_samples_handover", "main", "POLL_SECONDS"]
 
 POLL_SECONDS = 0.02
 """How often the stream asks whether the child is ready: not every row, since each
@@ -99,8 +101,8 @@ class RenderProcess:
 
     ``RenderProcess(tokenizer_dir, fingerprint, tokenizer_class)`` starts it; :meth:`ready`
     says, without waiting, whether it has loaded the tokenizer (and that it is the same
-    tokenizer: ``fingerprint`` is :func:`~eagle3_target.data.chat.tokenizer_fingerprint`
-    of the parent's; ``tokenizer_class`` its :func:`~eagle3_target.data.chat.tokenizer_class_name`,
+    tokenizer: ``fingerprint`` is :func:`~eagle3_target.data.tokenizer.tokenizer_fingerprint`
+    of the parent's; ``tokenizer_class`` its :func:`~eagle3_target.data.tokenizer.tokenizer_class_name`,
     None to resolve it with ``AutoTokenizer``);
     :meth:`samples` hands it a job and yields what it renders; :meth:`close` ends it.
     A child that fails before it is ready is never used (``failure`` says why); one that
@@ -123,7 +125,7 @@ class RenderProcess:
         env["PYTHONPATH"] = os.pathsep.join([pkg_root, *filter(None, [env.get("PYTHONPATH")])])
         env["CUDA_VISIBLE_DEVICES"] = ""
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "eagle3_target.data.render_process"],
+            [sys.executable, "-m", "eagle3_target.dump.render"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._in, self._out = self._proc.stdin, self._proc.stdout

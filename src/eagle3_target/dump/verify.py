@@ -1,4 +1,4 @@
-"""``eagle3-target verify DIR``: check a dump against its manifests.
+"""Checking a dump against its manifests (behind ``eagle3-target verify DIR``).
 
 Owns :func:`verify_dump`: every shard of every worker's manifest is checked for size
 and sha256, header, tensor names, dtypes and shapes, offsets and row indices, token and
@@ -8,16 +8,15 @@ must all be present and agree on their configuration. Exit code 0 when all is so
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eagle3_target.shards import check_shard_file, expected_fields, manifest_paths, read_manifest
+from eagle3_target.dump.format import check_shard_file, expected_fields, manifest_paths, read_manifest
 
-__all__ = ["VerifyReport", "verify_dump", "register"]
+__all__ = ["VerifyReport", "verify_dump"]
 
 
 @dataclass
@@ -151,24 +150,3 @@ def _check_shard_tensors(f: Any, entry: dict[str, Any], cfg: dict[str, Any],
         if bool((pm & ~shifted).any()):
             errs.append("position_mask set outside the shifted loss mask")
     return errs
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    report = verify_dump(args.dir, hash_shards=not args.no_hash)
-    print("\n".join(report.lines))
-    for p in report.problems:
-        print(f"problem: {p}")
-    return 0 if report.ok else 1
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check a dump folder against its manifest(s); exit 0 when sound",
-                       description="Checks every shard: sha256 and size, header, dtypes and shapes, "
-                                   "offsets, token counts, NaN/Inf. Exit code 0 when all is well, 1 "
-                                   "otherwise.")
-    p.add_argument("dir", help="dump folder")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of every file")
-    p.set_defaults(func=_cmd_verify)

@@ -1,7 +1,9 @@
 """The native ``/v1`` protocol: names, modes, parameters, request validation, errors.
 
-Shared by the server (which parses and checks) and the client (which builds requests),
-so the two can never disagree on a key name. ``docs/protocol.md`` is the prose version.
+Shared by the server (which parses and checks) and the client (which builds requests
+and reads answers), so the two can never disagree on a key name: :data:`MODES` is the
+one table of modes, with the tensors each answers with. ``docs/protocol.md`` is the
+prose version.
 
 Every check raises :class:`ApiError` with an HTTP status, a stable machine-readable
 ``error`` code and a ``detail`` that names the field, what was expected and what came.
@@ -19,11 +21,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from eagle3_target.st_stream import byte_view, layout
+from eagle3_target.errors import ApiError
+from eagle3_target.wire import TOKEN_ENV
+from eagle3_target.wire.st_stream import byte_view, layout
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "TOKEN_ENV",
+    "WireMode",
     "MODES",
+    "NEMO_GENERATE",
+    "LM_HEAD_KEYS",
     "MAX_TOPK",
     "OUTPUT_DTYPES",
     "INPUT_KEYS",
@@ -38,9 +46,43 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-
-MODES = ("logits", "draft", "hidden", "topk")
 MAX_TOPK = 64
+
+
+@dataclass(frozen=True)
+class WireMode:
+    """One supervision mode of ``/v1/supervision``."""
+
+    name: str
+    forward: str
+    """The target forward it runs: ``logits`` (through the LM head) or ``hidden`` (not)."""
+    outputs: tuple[str, ...]
+    """Response tensors, ``aux_hidden_states`` first."""
+    needs_mapping: bool = False
+    """Takes ``mapping_id`` (a draft vocabulary registered with ``/v1/vocab_mapping``)."""
+    needs_loss_mask: bool = False
+    needs_k: bool = False
+    """Takes ``k`` (1..:data:`MAX_TOPK`)."""
+    help: str = ""
+
+
+MODES: dict[str, WireMode] = {m.name: m for m in (
+    WireMode("logits", "logits", ("aux_hidden_states", "logits"),
+             help="aux + all-position logits [B,S,V]"),
+    WireMode("draft", "logits", ("aux_hidden_states", "target_probs", "position_mask"),
+             needs_mapping=True, needs_loss_mask=True,
+             help="aux + the target distribution over a draft vocabulary [B,S,Vd] fp32"),
+    WireMode("hidden", "hidden", ("aux_hidden_states", "final_hidden"),
+             help="aux + the final-norm hidden state [B,S,H]; the client rebuilds the logits"),
+    WireMode("topk", "logits", ("aux_hidden_states", "topk_values", "topk_indices", "logsumexp"),
+             needs_k=True, help="aux + the k largest logits, their ids and the logsumexp"),
+)}
+
+# NeMo Automodel's ``/generate`` (a root endpoint, NMET bodies): the draft form plus the
+# shifted input_ids and loss_mask, in NeMo's order.
+NEMO_GENERATE = WireMode("nemo", "logits", ("aux_hidden_states", "target_probs", "position_mask",
+                                            "input_ids", "loss_mask"),
+                         needs_mapping=True, needs_loss_mask=True, help="NeMo's /generate")
 
 # Requested wire dtype of float outputs; "auto" keeps the model's dtype (fp32 for
 # target_probs and logsumexp, which are computed in fp32).
@@ -53,35 +95,14 @@ OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
 
 INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
-# Tensors in a /v1/supervision response, per mode.
-RESPONSE_KEYS: dict[str, tuple[str, ...]] = {
-    "logits": ("aux_hidden_states", "logits"),
-    "draft": ("aux_hidden_states", "target_probs", "position_mask"),
-    "hidden": ("aux_hidden_states", "final_hidden"),
-    "topk": ("aux_hidden_states", "topk_values", "topk_indices", "logsumexp"),
-}
+# Tensors in a /v1/supervision response, per mode (the table above, by name).
+RESPONSE_KEYS: dict[str, tuple[str, ...]] = {name: m.outputs for name, m in MODES.items()}
+
+# GET /v1/lm_head: the LM head's tensors (LMHead.to_tensors()).
+LM_HEAD_KEYS = ("weight", "bias", "logit_scale", "logit_softcap")
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _MASK_DTYPES = _INT_DTYPES + (torch.bool,)
-
-
-class ApiError(Exception):
-    """An error the server answers with ``status`` and JSON ``{"error", "detail"}``."""
-
-    def __init__(self, status: int, error: str, detail: str, *, field: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.field = field
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.error, "detail": self.detail}
-        if self.field is not None:
-            out["field"] = self.field
-        return out
 
 
 @dataclass(frozen=True)
@@ -121,8 +142,9 @@ def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
     dtype = query.get("dtype", "auto")
     if dtype not in OUTPUT_DTYPES:
         raise _bad_param("dtype", f"got {dtype[:64]!r}, expected one of {', '.join(OUTPUT_DTYPES)}")
+    spec = MODES[mode]
     mapping_id = query.get("mapping_id")
-    if mode == "draft":
+    if spec.needs_mapping:
         if not mapping_id:
             raise _bad_param("mapping_id", "required in draft mode (register the mapping with "
                                            "POST /v1/vocab_mapping first)")
@@ -132,7 +154,7 @@ def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
     elif mapping_id is not None:
         raise _bad_param("mapping_id", f"only used in draft mode, not in {mode} mode")
     k: int | None = None
-    if mode == "topk":
+    if spec.needs_k:
         raw = query.get("k")
         if raw is None:
             raise _bad_param("k", f"required in topk mode (1..{MAX_TOPK})")

@@ -1,0 +1,72 @@
+"""What several subcommands share: the model flags, their parsing, and loading the
+target they describe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Sequence
+
+from eagle3_target.engines import ENGINES
+
+__all__ = ["add_model_args", "parse_aux_layers", "parse_engine_args", "load_target"]
+
+
+def add_model_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None:
+    """``--model/--engine/--device/--dtype/--aux-layers``, the same on every subcommand."""
+    p.add_argument("--model", default=None,
+                   help="local model directory (default: the built-in tiny model, built on first use)")
+    if engine:
+        p.add_argument("--engine", default="hf", choices=list(ENGINES), help="inference engine")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--dtype", default=None,
+                   help="float32|bfloat16|float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--aux-layers", default=None,
+                   help="three comma-separated decoder layer ids (default: 1,N/2-1,N-4)")
+    if engine:
+        p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="engine option passed to the engine's build(), e.g. "
+                            "attention_backend=triton (repeatable; VALUE parsed as JSON when it parses)")
+
+
+def parse_aux_layers(text: str | None) -> list[int] | None:
+    """``"1,3,4"`` -> ``[1, 3, 4]``; None stays None (the model's default ids)."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--aux-layers must be comma-separated integers, got {text!r}")
+
+
+def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{"key": value}``; values parsed as JSON when they parse,
+    dashes in keys become underscores."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+def load_target(args: argparse.Namespace, **engine_kwargs: Any):
+    """Builds an :class:`~eagle3_target.Eagle3TargetModel` from the shared model args;
+    ``--engine-arg`` options, then ``engine_kwargs`` (which win), go to the engine."""
+    from eagle3_target import Eagle3TargetModel
+    from eagle3_target.engines.common import quiet_transformers
+    from eagle3_target.tiny import resolve_model
+
+    quiet_transformers()
+    return Eagle3TargetModel.from_pretrained(
+        resolve_model(args.model),
+        engine=getattr(args, "engine", "hf"),
+        device=args.device,
+        dtype=args.dtype,
+        aux_layer_ids=parse_aux_layers(args.aux_layers),
+        **{**parse_engine_args(getattr(args, "engine_arg", None) or []), **engine_kwargs},
+    )

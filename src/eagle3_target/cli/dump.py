@@ -1,0 +1,92 @@
+"""``eagle3-target dump``: chat data -> sharded safetensors of EAGLE-3 supervision,
+resumable (:func:`eagle3_target.dump.run_dump`). Every default comes from
+:class:`~eagle3_target.dump.config.DumpConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from eagle3_target.cli.common import add_model_args, parse_aux_layers, parse_engine_args
+from eagle3_target.dump.config import RENDER_CHOICES, DumpConfig, default
+from eagle3_target.dump.modes import MODES
+
+if TYPE_CHECKING:
+    from eagle3_target.dump.summary import StageClock
+
+__all__ = ["register", "config_from_args", "run"]
+
+
+def config_from_args(args: argparse.Namespace) -> DumpConfig:
+    """The :class:`DumpConfig` the ``dump`` subcommand runs for parsed ``args``."""
+    return DumpConfig(
+        out=args.out, data=args.data or default("data"), mode=args.mode, model=args.model,
+        engine=args.engine, server=[u for u in args.server.split(",") if u] if args.server else None,
+        tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        aux_layer_ids=parse_aux_layers(args.aux_layers),
+        engine_args=parse_engine_args(args.engine_arg), vocab=args.vocab,
+        max_length=args.max_length or None, mask_reasoning=args.mask_reasoning,
+        batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
+        shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,
+        writer_threads=args.writer_threads, prefetch=args.prefetch, progress=args.progress,
+        pin_threads=args.pin_threads, render=args.render)
+
+
+def run(args: argparse.Namespace, *, clock: StageClock | None = None) -> int:
+    """What ``eagle3-target dump`` does with parsed ``args``; ``clock`` times the main
+    thread's stages (``scripts/gpu/cli_dump.py``)."""
+    from eagle3_target.dump.job import run_dump
+
+    cfg = config_from_args(args)
+    try:
+        summary = run_dump(cfg, clock=clock)
+    except (OSError, RuntimeError) as e:  # a full disk, a lost server: what is done stays done
+        print(f"eagle3-target dump: error: {e}\nthe finished shards are kept; rerun the same command "
+              f"to continue", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines()))
+    return 0 if summary.complete else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dump", help="write EAGLE-3 supervision for chat data to sharded safetensors (resumable)",
+        description="Renders chat data (JSONL/Parquet; OpenAI messages or ShareGPT conversations) "
+                    "with the model's chat template, runs the target and writes shards of "
+                    "safetensors plus a manifest. Rerun the same command after an interruption "
+                    "to continue; finished shards are checked, never rewritten.")
+    add_model_args(p)
+    p.add_argument("--server", default=None, help="URL[,URL...] of eagle3-target servers (instead of --model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="chat files, .jsonl or .parquet (default: the bundled sample chats)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode", default=default("mode"), choices=list(MODES),
+                   help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()))
+    p.add_argument("--vocab", default=None, help="draft vocab mapping (required for --mode draft)")
+    p.add_argument("--max-length", type=int, default=default("max_length"),
+                   help="truncate samples to this many tokens (0: never)")
+    p.add_argument("--mask-reasoning", action="store_true", help="leave <think> text out of the loss mask")
+    p.add_argument("--batch-tokens", type=int, default=default("batch_tokens"),
+                   help="padded tokens per target forward")
+    p.add_argument("--shard-size-mb", type=float, default=default("shard_size_mb"),
+                   help="close a shard after this many MiB")
+    p.add_argument("--num-shards", type=int, default=default("num_shards"), help="number of independent workers")
+    p.add_argument("--shard-index", type=int, default=default("shard_index"),
+                   help="this worker (rows r with r %% K == i)")
+    p.add_argument("--strict", action="store_true", help="fail on any malformed or unsupervised row")
+    p.add_argument("--trust-existing", action="store_true",
+                   help="on a rerun, check finished shards by size only (no re-hash)")
+    p.add_argument("--writer-threads", type=int, default=default("writer_threads"),
+                   help="shards written and hashed in parallel, commits in order (default: half the cores, 2-8)")
+    p.add_argument("--pin-threads", type=int, default=default("pin_threads"),
+                   help="on a GPU, threads that pin the host copy pool (0: torch's default cudaHostAlloc)")
+    p.add_argument("--prefetch", type=int, default=default("prefetch"),
+                   help="batches computed ahead on worker threads (default: 2 with --server, else 0)")
+    p.add_argument("--render", default=default("render"), choices=RENDER_CHOICES,
+                   help="where the chat template runs: a thread, a child process that takes over once "
+                        "loaded (keeps the GIL free for a GPU engine), or auto (process on a GPU)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+    p.set_defaults(func=run)

@@ -1,0 +1,64 @@
+"""``eagle3-target serve``: the target over HTTP (:func:`eagle3_target.server.run.run_server`).
+Every default comes from :class:`~eagle3_target.server.settings.ServerSettings`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from eagle3_target.cli.common import add_model_args, load_target, parse_engine_args
+from eagle3_target.server.settings import HTTP_IMPLEMENTATIONS, LOG_LEVELS, ServerSettings
+from eagle3_target.wire import TOKEN_ENV
+
+__all__ = ["register"]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from eagle3_target.server.run import check_bind, read_token, run_server
+    from eagle3_target.tiny import resolve_model
+
+    token = read_token(args.token_file)
+    check_bind(args.host, token, args.insecure)  # before any heavy import or model build
+    engine_kwargs: dict[str, Any] = {}
+    if args.engine == "sglang" and "max_batch_tokens" not in parse_engine_args(args.engine_arg):
+        # Size SGLang's KV pool for the largest engine call this server will make.
+        engine_kwargs["max_batch_tokens"] = args.max_batch_tokens
+    model = resolve_model(args.model)
+    args.model = model
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        host=args.host, port=args.port, token=token, insecure=args.insecure,
+        max_batch_tokens=args.max_batch_tokens, max_request_bytes=args.max_request_bytes,
+        exit_on_disconnect=args.exit_on_disconnect, model_name=model, engine=args.engine,
+        log_level=args.log_level, http=args.http)
+    return run_server(lambda: load_target(args, **engine_kwargs), settings)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = ServerSettings()
+    p = sub.add_parser(
+        "serve", help="serve supervision over HTTP (native /v1 protocol + NeMo-compatible endpoints)",
+        description="Runs the target in this process and serves EAGLE-3 supervision to trainers: "
+                    "the native /v1 protocol (docs/protocol.md) and NeMo Automodel's remote-target "
+                    "endpoints. Binds 127.0.0.1 by default; a non-loopback --host needs a token "
+                    f"(--token-file or ${TOKEN_ENV}) unless --insecure is given.")
+    add_model_args(p)
+    p.add_argument("--host", default=d.host, help=f"bind address (default: {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (0 picks a free one; default {d.port})")
+    p.add_argument("--token-file", default=None,
+                   help=f"file whose first line is the access token (else ${TOKEN_ENV})")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without a token")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="rows x longest row per engine call; also the per-request cap (413 above)")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"request body cap in bytes (413 above; default {d.max_request_bytes >> 20} MiB)")
+    p.add_argument("--exit-on-disconnect", action="store_true",
+                   help="shut down when a NeMo client POSTs /disconnect (NeMo's own server does)")
+    p.add_argument("--log-level", default=d.log_level, choices=list(LOG_LEVELS), help="server log level")
+    p.add_argument("--http", default=d.http, choices=list(HTTP_IMPLEMENTATIONS),
+                   help="uvicorn's HTTP/1.1 implementation (auto: httptools, the faster one, "
+                        "when installed)")
+    p.set_defaults(func=_cmd_serve)

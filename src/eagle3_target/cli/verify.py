@@ -1,0 +1,28 @@
+"""``eagle3-target verify DIR``: check a dump folder against its manifests
+(:mod:`eagle3_target.dump.verify`); exit 0 when it is sound."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from eagle3_target.dump.verify import verify_dump
+
+    report = verify_dump(args.dir, hash_shards=not args.no_hash)
+    print("\n".join(report.lines))
+    for p in report.problems:
+        print(f"problem: {p}")
+    return 0 if report.ok else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a dump folder against its manifest(s); exit 0 when sound",
+                       description="Checks every shard: sha256 and size, header, dtypes and shapes, "
+                                   "offsets, token counts, NaN/Inf. Exit code 0 when all is well, 1 "
+                                   "otherwise.")
+    p.add_argument("dir", help="dump folder")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of every file")
+    p.set_defaults(func=_cmd_verify)

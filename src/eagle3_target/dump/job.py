@@ -1,0 +1,421 @@
+"""The offline dump: chat data -> sharded safetensors of EAGLE-3 supervision, written so
+that a killed job never costs a rerun or a silent error.
+
+Owns the job (:func:`run_dump`, behind the ``dump`` subcommand): loading the target
+and the tokenizer, the configuration record, the writer's lock, checking and adopting
+finished shards, repairs, the LM head, and the summary. The rows-to-shards stream is
+:mod:`.produce`; the file format and the shard writer are :mod:`.format`; the checker
+is :mod:`.verify`; the trainer's side is :mod:`.reader`. Each stored sample holds
+exactly what ``generate_batch`` gives for that sample alone.
+
+Guarantees, and how:
+
+- atomic: a shard is written under ``.tmp-``, hashed on the way, fsynced, then renamed;
+  the manifest (itself written by temp + rename) lists it only after the rename. A
+  shard on disk that the manifest does not list yet (a kill between rename and
+  manifest) is adopted on the next run after its header is checked, not rewritten.
+- resumable: the manifest's last shard says which data row comes next; a rerun of the
+  same command continues there. Every finished shard is re-hashed first
+  (``--trust-existing`` skips that); a damaged one is regenerated from its row range.
+- deterministic: samples keep data order, batches are cut greedily by
+  ``--batch-tokens`` and shards by ``--shard-size-mb`` at batch boundaries, so the
+  batch that starts after any shard is the same in every run; nothing run-dependent
+  (times, temporary names) is stored. Interrupted or not, the bytes match.
+- split: ``--num-shards K --shard-index i`` takes the rows ``r`` with ``r % K == i``;
+  workers share nothing and write distinct files, so they can run on several machines
+  and their outputs be copied into one folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from eagle3_target.data.chat import ChatEncoder
+from eagle3_target.data.samples import scan
+from eagle3_target.data.rows import check_data_files, count_rows
+from eagle3_target.data.tokenizer import tokenizer_class_name, tokenizer_fingerprint
+from eagle3_target.dump.config import DumpConfig
+from eagle3_target.dump.format import (
+    FORMAT,
+    LM_HEAD_FILE,
+    ShardWriter,
+    check_shard_file,
+    dtype_name,
+    model_fingerprint,
+    read_header_meta,
+    read_manifest,
+    save_lm_head,
+    sha256_file,
+)
+from eagle3_target.dump.modes import MODES, TargetSource
+from eagle3_target.dump.produce import ShardProducer
+from eagle3_target.dump.render import RenderProcess
+from eagle3_target.dump.summary import DumpSummary, Progress, StageClock, logits_bytes_per_token, summary_json
+from eagle3_target.engines.common import quiet_transformers
+from eagle3_target.tiny import resolve_model
+from eagle3_target.wire import TOKEN_ENV
+
+__all__ = ["run_dump"]
+
+
+def _load_source(cfg: DumpConfig) -> TargetSource:
+    if cfg.server:
+        try:
+            from eagle3_target.client import RemoteTarget
+        except ImportError as e:
+            raise ValueError(f"--server needs eagle3_target.client.RemoteTarget, which this build "
+                             f"does not have ({e})") from None
+        # The token as the server takes it: from the environment, never the command line
+        # (or inside the URL: http://user:TOKEN@host:port).
+        from eagle3_target.client import RemoteTargetError
+
+        try:
+            client = RemoteTarget(list(cfg.server), token=os.environ.get(TOKEN_ENV), mode=cfg.mode)
+        except RemoteTargetError as e:  # refused (401, wrong mode...) or unreachable: say so plainly
+            raise ValueError(f"--server {','.join(cfg.server)}: {e}") from None
+        needs = {"hidden": ("generate_hidden", "lm_head")}.get(cfg.mode, ("generate_batch",))
+        missing = [n for n in needs if not hasattr(client, n)]
+        if missing:
+            client.close()
+            raise ValueError(f"--mode {cfg.mode} over --server needs RemoteTarget.{', '.join(missing)}, "
+                             f"which this client does not have")
+        return client
+    from eagle3_target import Eagle3TargetModel
+
+    quiet_transformers()
+    return Eagle3TargetModel.from_pretrained(resolve_model(cfg.model), engine=cfg.engine,
+                                             device=cfg.device, dtype=cfg.dtype,
+                                             aux_layer_ids=cfg.aux_layer_ids, **cfg.engine_args)
+
+
+def _source_dims(source: Any, mode: str, mapping: Any) -> tuple[int, int, str]:
+    """``(hidden_size, vocab_size, dtype name)`` of a target source: from its attributes
+    (``Eagle3TargetModel``), else from one forward on two tokens (a remote target, whose
+    wire dtype is the server model's)."""
+    h = getattr(source, "hidden_size", None)
+    v = getattr(source, "vocab_size", None)
+    model = getattr(source, "model", None)
+    dt = getattr(source, "dtype", None)
+    if not isinstance(dt, torch.dtype):
+        dt = next(model.parameters()).dtype if model is not None and hasattr(model, "parameters") else None
+    if h is None or v is None or dt is None:
+        ids = torch.zeros((1, 2), dtype=torch.int64)
+        out = MODES[mode].compute(source, ids, torch.ones_like(ids), torch.ones_like(ids), [2], mapping)
+        aux = out["aux_hidden_states"]
+        h, dt = aux.shape[-1] // 3, aux.dtype
+        if v is None:
+            if "logits" not in out:
+                raise ValueError("the target does not say its vocab_size")
+            v = out["logits"].shape[-1]
+    return int(h), int(v), dtype_name(dt)
+
+
+def _tokenizer_dir(cfg: DumpConfig) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.server and not cfg.model:
+        raise ValueError("--server needs --tokenizer DIR (or --model DIR) to render the chats")
+    return resolve_model(cfg.model)
+
+
+def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: Any = None,
+             log: Callable[[str], None] = print, render: RenderProcess | None = None,
+             clock: StageClock | None = None) -> DumpSummary:
+    """Runs (or resumes, or repairs) one worker's dump and returns its summary.
+
+    ``source``/``tokenizer`` may be given to reuse a loaded target (tests, benchmarks);
+    otherwise they are built from ``cfg``. ``render``: a render process already started
+    for this tokenizer (:class:`~.render.RenderProcess`), used instead of the one
+    ``cfg.render`` would start (and closed at the end). ``clock`` times the main
+    thread's stages (:class:`~.summary.StageClock`). Raises ValueError on bad input
+    before anything is written.
+    """
+    from eagle3_target.data import tokenizer as tokenizers  # looked up at call time: a test seam
+    from eagle3_target.vocab import VocabMapping
+
+    t_start = time.perf_counter()
+    data = check_data_files(cfg.data)
+    tokenizer_dir = _tokenizer_dir(cfg) if tokenizer is None else getattr(tokenizer, "name_or_path", None)
+    if tokenizer is None:
+        tokenizer = tokenizers.load_tokenizer(tokenizer_dir)
+    mapping = None
+    if cfg.vocab:
+        if not Path(cfg.vocab).is_file():
+            raise ValueError(f"--vocab {cfg.vocab}: no such file")
+        mapping = VocabMapping.load(cfg.vocab)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    existing = read_manifest(cfg.manifest_path()) if cfg.manifest_path().exists() else None
+    if existing is None and out.is_dir():
+        stray = sorted(p.name for p in out.glob(f"shard{cfg.worker_tag}-*.safetensors"))
+        if stray:
+            raise ValueError(f"{out} has shards ({stray[0]}, ...) but no {cfg.manifest_path().name}: "
+                             f"they cannot be checked against this run; use an empty folder")
+
+    if cfg.prefetch > 1 and not cfg.server and (source is None or _in_process(source)):
+        raise ValueError(f"--prefetch {cfg.prefetch}: an in-process target runs one forward at a time "
+                         f"(its capture hooks are shared); use --prefetch 0 or 1")
+    # Started before the target loads, so the child's imports overlap the engine's.
+    own_source = source is None
+    child = render if render is not None else _start_render_process(cfg, tokenizer, tokenizer_dir,
+                                                                     _engine_on_gpu(cfg, source))
+    try:
+        load_seconds = 0.0
+        if own_source:
+            source = _load_source(cfg)
+            # From the start, not from the load's own start: importing transformers for
+            # the tokenizer took seconds on a GPU host, and the rate after this point
+            # is the one to set against the engine alone.
+            load_seconds = time.perf_counter() - t_start
+        v = getattr(source, "vocab_size", None)
+        if mapping is not None and v is not None and mapping.target_vocab_size != v:
+            raise ValueError(f"--vocab maps a vocabulary of {mapping.target_vocab_size} tokens but the "
+                             f"target has {v}")
+        if mapping is not None and hasattr(source, "set_vocab_mapping") and cfg.mode == "draft":
+            source.set_vocab_mapping(mapping)
+        hidden_size, vocab_size, dtype = _source_dims(source, cfg.mode, mapping)
+        encoder = ChatEncoder(tokenizer, max_length=cfg.max_length, mask_reasoning=cfg.mask_reasoning,
+                              vocab_size=vocab_size)
+        if cfg.strict:
+            _, report = scan(data, encoder, keep=cfg.owns)
+            if (msg := report.strict_error()) is not None:
+                raise ValueError(msg)
+        config = {
+            "format": FORMAT, "mode": cfg.mode,
+            "data": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in data],
+            "tokenizer_sha256": child.fingerprint if child is not None else tokenizer_fingerprint(tokenizer),
+            "model_sha256": (model_fingerprint(resolve_model(cfg.model)) if not cfg.server
+                             else "server:" + str((getattr(source, "info", None) or {}).get("model"))),
+            "engine": "server" if cfg.server else cfg.engine,
+            "aux_layer_ids": [int(i) for i in source.aux_layer_ids],
+            "dtype": dtype, "hidden_size": hidden_size, "vocab_size": vocab_size,
+            "vocab_mapping_id": mapping.mapping_id if mapping is not None else None,
+            "draft_vocab_size": mapping.draft_vocab_size if mapping is not None else None,
+            "max_length": cfg.max_length, "mask_reasoning": cfg.mask_reasoning,
+            "mask_source": "template" if encoder.use_template_mask else "turns",
+            "batch_tokens": cfg.batch_tokens, "shard_size_mb": cfg.shard_size_mb,
+            "num_shards": cfg.num_shards, "shard_index": cfg.shard_index,
+        }
+        if existing is not None and existing.get("config") != config:
+            old = existing.get("config") or {}
+            diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+            raise ValueError(f"{cfg.manifest_path()} was written with a different configuration "
+                             f"(differs in: {', '.join(diff)}); rerun with the original settings "
+                             f"or use a new --out folder")
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out, cfg)
+        try:
+            summary = _run_locked(cfg, source, encoder, mapping, config, existing, tokenizer, child, t_start, log,
+                                  clock or StageClock())
+            summary.run_load_seconds = load_seconds
+            return summary
+        finally:
+            os.close(lock)
+    finally:
+        if child is not None:
+            child.close()
+            if child.failure is not None:
+                log(f"note: the render process was not used ({child.failure}); this process rendered the chats")
+        if own_source and source is not None:
+            source.close()
+
+
+def _engine_on_gpu(cfg: DumpConfig, source: TargetSource | None) -> bool:
+    """Whether the target is (or, not loaded yet, will be) an engine in this process on a GPU."""
+    if source is None:
+        return not cfg.server and not str(cfg.device or "").startswith("cpu") and torch.cuda.is_available()
+    if not _in_process(source):
+        return False
+    return source.get_input_embeddings().weight.device.type == "cuda"
+
+
+def _start_render_process(cfg: DumpConfig, tokenizer: Any, tokenizer_dir: str | None,
+                          engine_on_gpu: bool) -> RenderProcess | None:
+    if not cfg.render_in_child(engine_on_gpu):
+        return None
+    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+        if cfg.render == "process":
+            raise ValueError("--render process needs the tokenizer's folder (--tokenizer or --model), "
+                             "which the child loads")
+        return None
+    return RenderProcess(str(tokenizer_dir), tokenizer_fingerprint(tokenizer), tokenizer_class_name(tokenizer))
+
+
+def _in_process(source: Any) -> bool:
+    from eagle3_target.contract import Eagle3TargetModel
+
+    return isinstance(source, Eagle3TargetModel)
+
+
+def _lock(out: Path, cfg: DumpConfig) -> int:
+    fd = os.open(out / f".lock{cfg.worker_tag or '-00000-of-00001'}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another dump is writing {out} (worker {cfg.shard_index} of {cfg.num_shards})") from None
+    return fd
+
+
+def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, mapping: Any,
+                config: dict[str, Any], existing: dict[str, Any] | None, tokenizer: Any,
+                child: RenderProcess | None, t_start: float, log: Callable[[str], None],
+                clock: StageClock) -> DumpSummary:
+    out = Path(cfg.out)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    d = ShardProducer(cfg, source, encoder, mapping, config, pad if pad is not None else 0, clock)
+    for tmp in out.glob(f".tmp-{cfg.worker_tag}*"):
+        tmp.unlink()  # this worker's unfinished temporary files: never part of the dataset
+    if existing is None:
+        d.manifest = {"format": FORMAT, "config": config, "shards": [], "complete": False,
+                      "tail": None, "summary": None}
+        d.save_manifest()
+    else:
+        d.manifest = existing
+    head = _LMHeadWriter(d, source, cfg) if cfg.mode == "hidden" else None
+
+    # Finished shards: check, then adopt a shard renamed just before a kill.
+    bad = []
+    for entry in d.manifest["shards"]:
+        why = check_shard_file(out / entry["file"], entry, hash_it=not cfg.trust_existing)
+        if why is not None:
+            log(f"shard {entry['file']}: {why}; regenerating it")
+            bad.append(entry)
+    adopted = _adopt_orphan(d) if not d.manifest["complete"] else 0
+
+    d.writer = ShardWriter(out, d.record, d.config_sha, d.fields, cfg.worker_tag, threads=cfg.writer_threads)
+    repaired = 0
+    try:
+        for entry in bad:
+            job = next(d.produce(entry["rows"][0], entry["first_sample"], entry["index"]))
+            want = {k: entry[k] for k in ("rows", "num_samples", "tokens", "first_sample")}
+            if {k: job.entry[k] for k in want} != want:
+                raise RuntimeError(f"cannot repair {entry['file']}: regenerating rows {entry['rows']} "
+                                   f"gave {job.entry}, the manifest says {want}")
+            job.expected_sha256 = entry["sha256"]
+            with clock.stage("wait for a writer"):
+                d.writer.put(job)
+            repaired += 1
+        written = 0
+        finishing = not d.manifest["complete"]
+        if finishing:
+            shards = d.manifest["shards"]
+            start = shards[-1]["rows"][1] if shards else 0
+            first = sum(e["num_samples"] for e in shards)
+            total_rows = count_rows(cfg.data)
+            owned = len(range(cfg.shard_index, total_rows, cfg.num_shards))
+            progress = Progress(owned, len(range(cfg.shard_index, start, cfg.num_shards)), cfg.progress)
+            try:
+                for job in d.produce(start, first, len(shards), progress, child=child):
+                    with clock.stage("wait for a writer"):
+                        d.writer.put(job)
+                    written += 1
+            finally:
+                progress.close()
+        with clock.stage("drain writers"):
+            d.writer.close()
+        if head is not None:
+            with clock.stage("wait for LM head"):
+                head.join()  # the dump is complete only with its LM head
+        if finishing:
+            d.tail["rows"][1] = total_rows
+            with d.lock:
+                d.manifest["tail"] = d.tail
+                d.manifest["complete"] = True
+                d.manifest["summary"] = summary_json(d.manifest)
+                d.save_manifest()
+    finally:
+        d.copier.close()
+        if d.writer.error is None:
+            d.writer.close()
+        if head is not None:
+            head.wait()  # never leave it writing; its error, if any, was raised above
+    for entry in bad:  # a regenerated shard must reproduce the bytes it replaced
+        now = next(e for e in d.manifest["shards"] if e["index"] == entry["index"])
+        if now["sha256"] != entry["sha256"]:
+            log(f"warning: regenerated {entry['file']} differs from the original bytes "
+                f"(different hardware or library versions?); the manifest now records the new hash")
+    s = summary_json(d.manifest)
+    return DumpSummary(
+        out=str(out), mode=cfg.mode, complete=bool(d.manifest["complete"]), samples=s["samples"],
+        tokens=s["tokens"], supervised_tokens=s["supervised_tokens"], bytes=s["bytes"],
+        shards=len(d.manifest["shards"]), skipped=s["skipped"], examples=s["examples"],
+        logits_bytes_per_token=logits_bytes_per_token(config),
+        run_samples=d.run_samples, run_tokens=d.run_tokens, run_bytes=d.writer.bytes_written,
+        run_seconds=time.perf_counter() - t_start, shards_written=written,
+        shards_adopted=adopted, shards_repaired=repaired, run_child_rows=child.rows if child is not None else 0)
+
+
+class _LMHeadWriter:
+    """Checks or writes ``lm_head.safetensors`` on a background thread.
+
+    The 8B head is 1 GB (hash, device-to-host copy, write): in line it cost seconds of
+    engine time per dump. The manifest records the head once it is complete; :meth:`join`
+    (before the dump is marked complete) re-raises a failure."""
+
+    def __init__(self, d: ShardProducer, source: TargetSource, cfg: DumpConfig):
+        self.d, self.source = d, source
+        self.path, self.tag = Path(cfg.out) / LM_HEAD_FILE, cfg.worker_tag
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="eagle3-lm-head", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            rec = self.d.manifest.get("lm_head")
+            if rec is not None and self.path.is_file() and sha256_file(self.path) == rec["sha256"]:
+                return
+            head = self.source.lm_head()
+            if head.weight.is_cuda:
+                self.d.copier.prepare_pinning()
+            sha, size = save_lm_head(self.path, head, self.tag)
+            with self.d.lock:
+                self.d.manifest["lm_head"] = {"file": LM_HEAD_FILE, "bytes": size, "sha256": sha}
+                self.d.save_manifest()
+        except BaseException as e:  # re-raised by join()
+            self.error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def join(self) -> None:
+        self.wait()
+        if self.error is not None:
+            raise RuntimeError(f"writing {LM_HEAD_FILE} failed: {self.error}") from self.error
+
+
+def _adopt_orphan(d: ShardProducer) -> int:
+    """Lists a shard that was renamed into place but not yet recorded (a kill between the
+    two steps), after checking that its header matches the shard expected next."""
+    from safetensors import safe_open
+
+    shards = d.manifest["shards"]
+    path = Path(d.cfg.out) / d.cfg.shard_name(len(shards))
+    if not path.is_file():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = read_header_meta(f)
+        entry = meta.get("entry")
+        ok = (meta.get("format") == FORMAT and meta.get("config_sha256") == d.config_sha
+              and isinstance(entry, dict)
+              and entry.get("index") == len(shards)
+              and entry.get("first_sample") == sum(e["num_samples"] for e in shards)
+              and entry.get("rows", [None])[0] == (shards[-1]["rows"][1] if shards else 0))
+    except Exception:  # unreadable: it is not a finished shard of ours
+        ok = False
+    if not ok:
+        path.unlink()
+        return 0
+    with d.lock:
+        shards.append(dict(entry, file=path.name, bytes=path.stat().st_size, sha256=sha256_file(path)))
+        d.save_manifest()
+    return 1

@@ -1,0 +1,164 @@
+"""What a dump reports: :class:`DumpSummary` (what it holds and what this run did), the
+manifest's summary, and the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from eagle3_target.data.samples import DataReport
+
+__all__ = ["DumpSummary", "Progress", "StageClock", "summary_json", "logits_bytes_per_token", "human_bytes"]
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@dataclass
+class DumpSummary:
+    """What a dump holds (deterministic part, also in the manifest) and what this run did."""
+
+    out: str
+    mode: str
+    complete: bool
+    samples: int
+    tokens: int
+    supervised_tokens: int
+    bytes: int
+    shards: int
+    skipped: dict[str, dict[str, int]]
+    examples: dict[str, list[dict]]
+    logits_bytes_per_token: float
+    run_samples: int = 0
+    run_tokens: int = 0
+    run_bytes: int = 0
+    run_seconds: float = 0.0
+    run_load_seconds: float = 0.0
+    """Of ``run_seconds``, the start-up until the target was loaded: the tokenizer, the
+    render process's start and the engine's load (0 when a loaded target was passed in)."""
+    shards_written: int = 0
+    shards_adopted: int = 0
+    shards_repaired: int = 0
+    run_child_rows: int = 0
+    """Rows of this run rendered by the child process (``--render``), the rest by a thread."""
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    def lines(self) -> list[str]:
+        report = DataReport()
+        report.add_json(self.skipped, self.examples)
+        ratio = (f" ({self.logits_bytes_per_token:,.0f} with full logits: "
+                 f"{self.logits_bytes_per_token / self.bytes_per_token:.1f}x more)"
+                 if self.bytes_per_token and self.mode != "logits" else "")
+        dt = max(self.run_seconds, 1e-9)
+        out = [
+            f"dump {'complete' if self.complete else 'INCOMPLETE'}: {self.out} (mode {self.mode}, "
+            f"{self.shards} shards)",
+            f"  {self.samples:,} samples, {self.tokens:,} tokens, {self.supervised_tokens:,} supervised; "
+            f"{human_bytes(self.bytes)}, {self.bytes_per_token:,.0f} bytes/token{ratio}",
+            f"  this run: {self.run_samples:,} samples, {self.run_tokens:,} tokens in {self.run_seconds:.1f} s "
+            f"({self.run_samples / dt:,.1f} samples/s, {self.run_tokens / dt:,.0f} tokens/s, "
+            f"{self.run_bytes / dt / 1e6:,.1f} MB/s); shards written {self.shards_written}, "
+            f"adopted {self.shards_adopted}, repaired {self.shards_repaired}"
+            + (f"; {self.run_child_rows:,} rows rendered by a child process" if self.run_child_rows else ""),
+        ]
+        if self.run_load_seconds > 0 and self.run_seconds > self.run_load_seconds:
+            work = self.run_seconds - self.run_load_seconds
+            out.append(f"  after loading the target ({self.run_load_seconds:.1f} s): "
+                       f"{self.run_tokens / work:,.0f} tokens/s, {self.run_bytes / work / 1e6:,.1f} MB/s")
+        skipped = report.lines()
+        return out + ([f"  {s}" for s in skipped] if skipped else ["  no rows skipped"])
+
+
+def logits_bytes_per_token(config: dict[str, Any]) -> float:
+    """Bytes per token of the same samples in ``logits`` mode (ids, mask, aux, logits)."""
+    item = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
+    return 8 + 1 + (3 * config["hidden_size"] + config["vocab_size"]) * item
+
+
+def summary_json(manifest: dict[str, Any]) -> dict[str, Any]:
+    report = DataReport()
+    for e in manifest["shards"] + ([manifest["tail"]] if manifest.get("tail") else []):
+        report.add_json(e["skipped"], e["examples"])
+    shards = manifest["shards"]
+    return {"samples": sum(e["num_samples"] for e in shards), "tokens": sum(e["tokens"] for e in shards),
+            "supervised_tokens": sum(e["supervised_tokens"] for e in shards),
+            "bytes": sum(e["bytes"] for e in shards), "skipped": report.counts_json(),
+            "examples": report.examples_json()}
+
+
+class Progress:
+    """The dump's progress bar (tqdm on stderr): rows, tokens/s and MB/s."""
+
+    def __init__(self, total: int, initial: int, enabled: bool | None):
+        self.bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="row", dynamic_ncols=True,
+                            desc="dump", file=sys.stderr)
+        self.t0 = time.perf_counter()
+
+    def update(self, rows: int, tokens: int, nbytes: int) -> None:
+        if self.bar is None:
+            return
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{tokens / dt:,.0f} tok/s, {nbytes / dt / 1e6:,.1f} MB/s", refresh=False)
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StageClock:
+    """Where a dump's main thread spends its time, by stage: ``engine`` (the mode's
+    computation), ``gather on device``, ``wait for host copy``, ``wait for a writer``,
+    ``drain writers``, ``wait for LM head``. The seam a benchmark times a dump through:
+    ``run_dump(cfg, clock=StageClock())``, then :attr:`totals` (seconds by stage).
+
+    ``sync`` (``torch.cuda.synchronize``, say) runs at the end of every stage, so a GPU
+    stage is timed to its completion rather than its launch (it costs the overlap it
+    removes: for diagnosis only). ``listener(name, start, seconds)`` sees each stage as
+    it ends (``start`` on ``time.perf_counter``'s clock)."""
+
+    def __init__(self, *, sync: Callable[[], None] | None = None,
+                 listener: Callable[[str, float, float], None] | None = None):
+        self.totals: dict[str, float] = {}
+        self._sync, self._listener = sync, listener
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync is not None:
+                self._sync()
+            dt = time.perf_counter() - t0
+            self.totals[name] = self.totals.get(name, 0.0) + dt
+            if self._listener is not None:
+                self._listener(name, t0, dt)
+
+    def report(self, total: float) -> str:
+        """``total`` seconds split by stage, the rest as ``other``; clears the totals."""
+        parts = [f"{k} {v:.2f} s" for k, v in self.totals.items()]
+        rest = total - sum(self.totals.values())
+        self.totals.clear()
+        return f"main thread over {total:.2f} s: " + ", ".join(parts) + f", other {rest:.2f} s"
