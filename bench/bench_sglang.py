@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SGLang engine vs HF engine throughput, side by side in one process (issue 3).
+"""SGLang engine vs HF engine throughput, side by side in one process.
 
   bench_sglang.py --model DIR [--batch 8 --seq 2048 --attention-backend flashinfer]
                   [--runs 5 --warmup 2 --out bench.json]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Runs the SGLang engine's GPU validation and/or benchmark on a device-tool machine.
+# Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
 #   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
 #
-# GPU_DIR (carried, git-ignored) holds bundle/ (../shared/gpu/build-sglang-bundle.sh),
+# GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
 # earlier run), code/ (src/, scripts/, bench/ of this repository) and, for the server and
 # dump stages, extra/ (wheels the GPU image lacks: fastapi, uvicorn, httptools, httpx, prometheus-client,
