@@ -505,6 +505,10 @@ class SGLangTargetRunner:
         # the page SGLang chose: from 0.5.20 server_args.page_size stays the raw input (None)
         self._page = int(getattr(model_runner, "page_size", None)
                          or getattr(model_runner.server_args, "page_size", None) or 1)
+        if self._page > 1 and not getattr(model_runner.server_args, "page_size", None):
+            log.warning("SGLang chose page size %d itself; the KV pool was sized for page 1, so "
+                        "rows are page-rounded within it (pass page_size=%d to size it for that)",
+                        self._page, self._page)
         pool_tokens = int(model_runner.max_total_num_tokens) - self._page  # one page of slack
         pool_rows = int(getattr(model_runner.req_to_token_pool, "size", max_batch_rows))
         self.max_batch_tokens = min(max_batch_tokens, pool_tokens)
