@@ -1,8 +1,12 @@
-"""The SGLang engine against a fake of the SGLang surface (tests/fake_sglang.py), on CPU.
+"""The SGLang engine's behaviour on one release (0.5.16, the one validated on a GPU) and
+the newest (0.5.23), against the fakes in tests/fake_sglang.py, on CPU: batching, pools,
+modes, the wrapper, bad input, close and build arguments.
 
 The fake runs transformers' Llama row by row with SGLang's capture convention, so every
 comparison here is against the HF engine on the same weights: a packing, unpacking,
-ordering or aux-index bug changes the numbers. Nothing here imports sglang.
+ordering or aux-index bug changes the numbers. Per-release construction is in
+test_sglang_releases.py, per-family capture in test_sglang_capture.py, the official
+switch in test_sglang_official.py. Nothing here imports sglang.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from eagle3_target import Eagle3TargetModel
 from eagle3_target.tiny import tiny_model_path
 from eagle3_target.engines import hf as hf_engine
 from eagle3_target.engines import sglang as sg
+from sglang_helpers import TOL, use_fake, ragged as _ragged, hf_rows
 
-TOL = dict(atol=2e-5, rtol=1e-4)
+RELEASES = ("0.5.16", "0.5.23")
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +39,10 @@ def hf_runner(tiny_path):
     r.close()
 
 
-def _use_fake(monkeypatch, variant: str = "0.5.16"):
-    api = fake_sglang.make_api(variant)
-    monkeypatch.setattr(sg, "_load_api", lambda: api)
-    monkeypatch.setattr(sg, "_cuda_device_count", lambda: 1)
-    monkeypatch.setattr(sg, "_set_device", lambda i: None)
-    return api
-
-
-@pytest.fixture
-def fake_api(monkeypatch):
-    return _use_fake(monkeypatch)
+@pytest.fixture(params=RELEASES)
+def fake_api(request, monkeypatch):
+    """The fake release's process context (published config, teardown log, runners)."""
+    return use_fake(monkeypatch, request.param)
 
 
 @pytest.fixture
@@ -54,27 +52,8 @@ def runner(fake_api, tiny_path):
     r.close()
 
 
-def _ragged(lengths, S, vocab=2048, seed=0, left=False):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (len(lengths), S), generator=g)
-    pos = torch.arange(S)[None, :]
-    n = torch.tensor(lengths)[:, None]
-    mask = (pos >= S - n) if left else (pos < n)
-    pad_id = 7
-    return torch.where(mask, ids, torch.full_like(ids, pad_id)), mask.to(torch.int64)
-
-
 def _hf_rows(hf_runner, ids, mask, aux_ids):
-    """HF engine run on each row alone, real tokens only: (logits, aux, final) per row."""
-    hf_runner.set_aux_layers(aux_ids)
-    out = []
-    for b in range(ids.shape[0]):
-        row = ids[b][mask[b].bool()][None]
-        ones = torch.ones_like(row)
-        logits, aux = hf_runner.forward_eagle3(row, ones)
-        final, _ = hf_runner.forward_eagle3_hidden(row, ones)
-        out.append((logits[0], aux[0], final[0]))
-    return out
+    return [(lg, ax, fh) for lg, ax, fh, _ in hf_rows(hf_runner, ids, mask, aux_ids)]
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -151,7 +130,7 @@ def test_ragged_batch_matches_hf_per_row_in_one_extend(runner, hf_runner, left):
 def test_only_real_tokens_are_sent(runner, monkeypatch):
     runner.set_aux_layers([1, 3, 4])
     seen = []
-    mr = fake_sglang.ModelRunner.instances[-1]
+    mr = runner._mr
     orig = mr.forward
     monkeypatch.setattr(mr, "forward", lambda fb: seen.append(fb.input_ids.clone()) or orig(fb))
     ids, mask = _ragged([3, 5], S=8)
@@ -207,8 +186,8 @@ def test_contract_layer_on_top_matches_hf_engine(fake_api, tiny_path, hf_runner)
 
 def test_small_pool_runs_several_extends_with_the_same_result(fake_api, tiny_path):
     ids, mask = _ragged([9, 17, 4, 12], S=17, seed=2)
-    big = sg.build(tiny_path, dtype="float32")
-    small = sg.build(tiny_path, dtype="float32", max_batch_tokens=20, max_batch_rows=2)
+    big = sg.build(tiny_path, dtype="float32", page_size=1)
+    small = sg.build(tiny_path, dtype="float32", max_batch_tokens=20, max_batch_rows=2, page_size=1)
     try:
         for r in (big, small):
             r.set_aux_layers([1, 3, 4])
@@ -248,7 +227,7 @@ def test_last_layer_and_bad_ids_are_rejected(runner):
 
 
 def test_a_model_breaking_the_capture_convention_is_caught(runner):
-    runner.model.capture_offset = 0
+    runner.model.indices_for = lambda ids: list(ids)  # a port that forgot the +1
     with pytest.raises(RuntimeError, match="expected \\[2, 4, 5\\]"):
         runner.set_aux_layers([1, 3, 4])
 
@@ -266,14 +245,16 @@ def test_full_logits_keeps_scale_gather_vocab_cut_and_softcap():
         vocab_size = 6
         final_logit_softcapping = 2.0
 
-    lp = fake_sglang.LogitsProcessor(Cfg(), logit_scale=0.5)
+    pkg = fake_sglang.install("0.5.16")
+    mod = __import__(pkg + ".srt.layers.logits_processor", fromlist=["x"])
+    lp = mod.LogitsProcessor(Cfg(), logit_scale=0.5)
     lp.do_tensor_parallel_all_gather = True
     # a vocab shard of 4 rows; the "gather" appends a second shard of 4 (8 = padded vocab)
     lp._logits_gatherer = lambda x: torch.cat([x, 10 * x], dim=-1)
     head = torch.nn.Linear(3, 4, bias=False)
     h = torch.randn(5, 3)
-    md = fake_sglang.LogitsMetadata(forward_mode=fake_sglang.ForwardMode.EXTEND)
-    got = sg.full_logits(lp, h, head, md, fake_sglang.make_api())
+    md = mod.LogitsMetadata(forward_mode=fake_sglang.ForwardMode.EXTEND)
+    got = sg.full_logits(lp, h, head, md, None)
     x = 0.5 * h @ head.weight.T
     want = torch.cat([x, 10 * x], -1)[:, :6]
     want = torch.tanh(want / 2.0) * 2.0
@@ -320,7 +301,7 @@ def test_pools_are_cleared_after_every_call_even_on_failure(runner):
 
 def test_pool_reuse_needs_clearing(fake_api, tiny_path):
     """A pool just big enough for one batch serves many batches: only if cleared."""
-    r = sg.build(tiny_path, dtype="float32", max_batch_tokens=32, max_batch_rows=2)
+    r = sg.build(tiny_path, dtype="float32", max_batch_tokens=32, max_batch_rows=2, page_size=1)
     try:
         r.set_aux_layers([1, 3, 4])
         ids, mask = _ragged([16, 16], S=16)
@@ -367,29 +348,13 @@ def test_build_configures_server_args_and_a_world_of_one(fake_api, tiny_path):
         mr = r._mr
         sa = mr.server_args
         assert (sa.dtype, sa.tp_size, sa.attention_backend, sa.page_size) == ("bfloat16", 1, "triton", 4)
+        assert r._page == 4
         assert sa.skip_tokenizer_init and sa.enable_return_hidden_states
         assert sa.disable_cuda_graph and sa.disable_radix_cache
         assert sa.max_total_tokens == 4096 + 8 * 4 + 4 and sa.max_running_requests == 8
-        assert isinstance(mr.ps, fake_sglang.ParallelState) and mr.ps.tp_size == 1
         assert 0 < mr.nccl_port < 65536
         assert mr.steps == ["alloc_memory_pool", "init_attention_backends", "init_cuda_graphs"]
         assert r.max_batch_tokens == 4096 and r.max_batch_rows == 8
-    finally:
-        r.close()
-
-
-def test_build_adapts_to_the_059_signatures(monkeypatch, tiny_path, hf_runner):
-    _use_fake(monkeypatch, "0.5.9")
-    r = sg.build(tiny_path, dtype="float32")
-    try:
-        assert r._mr.ranks == dict(tp_rank=0, tp_size=1, moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1)
-        r.set_aux_layers([4, 1, 3])
-        ids, mask = _ragged([5, 9], S=9, seed=8)
-        logits, aux = r.forward_eagle3(ids, mask)
-        ref = _hf_rows(hf_runner, ids, mask, [4, 1, 3])
-        for b in range(2):
-            torch.testing.assert_close(logits[b][mask[b].bool()], ref[b][0], **TOL)
-            torch.testing.assert_close(aux[b][mask[b].bool()], ref[b][1], **TOL)
     finally:
         r.close()
 
@@ -404,10 +369,9 @@ def test_build_adapts_to_the_059_signatures(monkeypatch, tiny_path, hf_runner):
     (dict(gpu_id=3), ValueError, "only 1 CUDA device"),
 ])
 def test_build_rejects_bad_arguments(fake_api, tiny_path, kwargs, exc, msg):
-    n = len(fake_sglang.ModelRunner.instances)
     with pytest.raises(exc, match=msg):
         sg.build(tiny_path, **kwargs)
-    assert len(fake_sglang.ModelRunner.instances) == n  # nothing was loaded
+    assert fake_api.runners == []  # nothing was loaded
 
 
 def test_build_rejects_a_missing_directory(fake_api, tmp_path):
@@ -422,7 +386,7 @@ def test_clear_errors_without_cuda_or_sglang(monkeypatch, tiny_path):
         Eagle3TargetModel.from_pretrained(tiny_path, engine="sglang")
     monkeypatch.setattr(sg, "_cuda_device_count", lambda: 1)
     monkeypatch.setattr(sg, "_set_device", lambda i: None)
-    monkeypatch.setitem(sys.modules, "sglang", None)  # as if not installed; imports nothing
+    monkeypatch.setattr(sg.importlib.util, "find_spec", lambda name: None)  # as if not installed
     with pytest.raises(sg.SGLangUnavailableError, match="needs the sglang package"):
         sg.build(tiny_path)
 

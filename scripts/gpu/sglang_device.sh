@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b validate-families bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -55,6 +55,13 @@ for stage in "$@"; do
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
       step 240 python3 "$S/validate_sglang.py" --name tiny-peaked --model /tmp/tiny-peaked \
         --attention-backend triton --aux-ids 5,0,3 --out "$OUT/validate_tiny.json" ;;
+    validate-families)
+      # Issue 18 part 1: tiny bf16 models (H=256, head dim 64, LM head x8) of every family and
+      # the Llama-3.1-8B shape, SGLang vs an fp32 reference beside transformers bf16.
+      # FAMILIES=... narrows the list; one JSON per family and summary.json in $OUT/families.
+      step 560 python3 "$S/validate_sglang.py" \
+        --families ${FAMILIES:-llama,qwen3,qwen3-moe,mixtral,gpt-oss,deepseek-v3,gemma3,phi3,llama3-8b} \
+        --attention-backend ${ATTN:-triton} --work-dir /tmp/eagle3-families --out-dir "$OUT/families" ;;
     validate-8b)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 420 python3 "$S/validate_sglang.py" --name llama3-8b --model /tmp/llama8b \

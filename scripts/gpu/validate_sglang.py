@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
-"""GPU validation of the SGLang engine against the HF engine and an fp32 HF reference.
+"""Validation of the SGLang engine against an fp32 transformers reference, side by side
+with transformers bf16's own error, on one checkpoint or on tiny models of many families.
 
-  validate_sglang.py --model DIR --out result.json [--attention-backend triton]
-                     [--lengths 37,64,129,5,300,512] [--aux-ids 5,0,3]
+  validate_sglang.py --families llama,qwen3,qwen3-moe,mixtral,gpt-oss,deepseek-v3,gemma3,phi3,llama3-8b \
+                     --out-dir OUT [--attention-backend triton] [--engine sglang|hf]
+  validate_sglang.py --model DIR --out result.json [--aux-ids 5,0,3]
 
-On one bf16 checkpoint (scripts/gpu/make_target.py), over a ragged batch of random ids:
+``--families`` builds each family (eagle3_target.families; ``llama3-8b`` = the
+Llama-3.1-8B shape preset of eagle3_target.tiny, built on the GPU) at H=256, head dim 64,
+bf16, LM head x``--head-scale`` so distributions are peaked, then for each:
 
-1. SGLang engine: the batch right-padded, the same rows left-padded, each row alone, and an
-   equal-length (pad-free) batch against its rows alone; hidden mode; pools and extends.
-2. HF engine in bf16 on each row alone (what SGLang must be no worse than).
-3. fp32 reference: the same bf16 weights upcast, each row alone, all hidden states.
+1. the engine under test (``--engine sglang``; ``--engine hf`` is the CPU dry run: the
+   transformers engine in bf16 stands in, so everything but SGLang runs): the ragged batch
+   right-padded, the same rows left-padded, each row alone; logits, hidden (post-norm),
+   prenorm and aux modes;
+2. transformers bf16 on each row alone (the error an engine must not exceed);
+3. the fp32 reference: the same bf16 weights upcast, each row alone.
 
-Pass bar (issue 3): SGLang's error against fp32 is no worse than the HF engine's own bf16
-error (logits rel-L2, aux rel-L2 per layer, final-hidden rel-L2: at most 1.1x HF's;
-argmax agreement: at least HF's minus 0.5 points); batched and per-row SGLang runs
-differ by less than a quarter of HF's bf16 error (kernel noise, not packing); each aux
-slot is closest to the fp32 output of its own layer, not its neighbours'. Exit status 1
-when any check fails; the JSON has every number.
+Metrics against fp32 over all real tokens: logits rel-L2, aux rel-L2 per layer, argmax
+agreement, final post-norm and pre-norm rel-L2. Pass bar per family: the engine's error
+<= 1.1x transformers bf16's on every metric and argmax >= bf16's - 0.5 points; batched vs
+per-row < a quarter of bf16's error. A family the engine refuses (capture table) is
+recorded as ``refused`` with the reason, which is a pass when the refusal is expected
+(:data:`EXPECT_REFUSED`). One JSON per family and ``summary.json``; exit 1 on a failure.
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 T0 = time.time()
+GPU_SHAPE = dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=512, vocab=2048, max_position=4096)
+EXPECT_REFUSED = {"mixtral": "no EAGLE-3 capture", "gemma2": "no EAGLE-3 capture"}
+"""Families SGLang cannot capture in any release (Gemma-3 is refused from 0.5.17 on)."""
 
 
 def log(*a: object) -> None:
@@ -44,19 +54,13 @@ class Rel:
         self.den = 0.0
 
     def add(self, x: torch.Tensor, r: torch.Tensor) -> None:
-        x, r = x.float(), r.float()
+        x, r = x.float(), r.float().to(x.device)
         self.num += float((x - r).pow(2).sum())
         self.den += float(r.pow(2).sum())
 
     @property
     def value(self) -> float:
         return (self.num / self.den) ** 0.5 if self.den else float("nan")
-
-
-def rel(x: torch.Tensor, r: torch.Tensor) -> float:
-    acc = Rel()
-    acc.add(x, r)
-    return acc.value
 
 
 def make_batch(lengths: list[int], vocab: int, seed: int, left: bool = False):
@@ -73,210 +77,236 @@ def make_batch(lengths: list[int], vocab: int, seed: int, left: bool = False):
 
 
 def real_rows(t: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    return [t[b][mask[b].to(t.device, torch.bool)] for b in range(t.shape[0])]
+    return [t[b][mask[b].to(t.device, torch.bool)].float().cpu() for b in range(t.shape[0])]
 
 
-def sglang_stage(args, lengths, aux_ids, res) -> dict:
+def build_engine(args, model: str, engine: str):
+    if engine == "hf":
+        from eagle3_target.engines import hf as hf_engine
+
+        return hf_engine.build(model, device=args.device, dtype="bfloat16")
     from eagle3_target.engines import sglang as sg
 
+    return sg.build(model, dtype="bfloat16", attention_backend=args.attention_backend,
+                    max_batch_tokens=args.max_batch_tokens, max_batch_rows=16,
+                    mem_fraction_static=args.mem_fraction_static)
+
+
+def engine_stage(args, model: str, lengths: list[int], aux_ids: list[int], res: dict) -> dict:
+    """The engine under test on the batch in every layout and mode: per-row outputs."""
     t = time.time()
-    runner = sg.build(args.model, dtype="bfloat16", attention_backend=args.attention_backend,
-                      max_batch_tokens=args.max_batch_tokens, max_batch_rows=16,
-                      mem_fraction_static=args.mem_fraction_static)
-    api = runner._api
-    res["sglang_version"] = api.version
+    runner = build_engine(args, model, args.engine)
     res["build_s"] = round(time.time() - t, 1)
-    log(f"SGLang {api.version} runner built in {res['build_s']}s: {type(runner.model).__name__}, "
-        f"pool tokens {runner._mr.max_total_num_tokens}, extend budget {runner.max_batch_tokens}")
+    api = getattr(runner, "_api", None)
+    res["engine_version"] = getattr(api, "version", "transformers")
     runner.set_aux_layers(aux_ids)
-    V = runner.vocab_size
+    V = int(runner.model.config.vocab_size) if args.engine == "hf" else runner.vocab_size
     ids, mask = make_batch(lengths, V, args.seed)
-    alloc = runner._mr.token_to_kv_pool_allocator
-    free0 = alloc.available_size()
-
     t = time.time()
-    e0 = runner.extends
+    e0 = getattr(runner, "extends", 0)
     logits, aux = runner.forward_eagle3(ids, mask)
-    torch.cuda.synchronize()
-    res["ragged_first_forward_s"] = round(time.time() - t, 2)
-    res["ragged_extends"] = runner.extends - e0
-    res["pools_free_after_call"] = alloc.available_size() == free0
-    res["zeros_at_pads"] = bool((logits[~mask.cuda().bool()] == 0).all() and (aux[~mask.cuda().bool()] == 0).all())
+    res["first_forward_s"] = round(time.time() - t, 2)
+    if args.engine == "sglang":
+        res["ragged_extends"] = runner.extends - e0
+    pads = ~mask.to(logits.device).bool()
+    res["zeros_at_pads"] = bool((logits[pads] == 0).all() and (aux[pads] == 0).all()) \
+        if args.engine == "sglang" else None
     final, aux_h = runner.forward_eagle3_hidden(ids, mask)
-    res["hidden_mode_aux_equal"] = bool(torch.equal(aux_h, aux))
+    pre, aux_p = runner.forward_eagle3_prenorm(ids, mask)
+    res["hidden_and_prenorm_aux_equal"] = bool(torch.equal(aux_h, aux) and torch.equal(aux_p, aux))
+    m = mask.to(final.device).bool()
     head = runner.lm_head()
-    m = mask.cuda().bool()
-    res["lm_head_of_final_vs_logits_rel"] = rel(head(final[m]), logits[m])
-    out = dict(logits=real_rows(logits, mask), aux=real_rows(aux, mask), final=real_rows(final, mask))
-    del logits, aux, final, aux_h
-
-    # the same rows left-padded
+    acc = Rel()
+    acc.add(head(final[m]), logits[m])
+    res["lm_head_of_final_vs_logits_rel"] = acc.value
+    out = dict(logits=real_rows(logits, mask), aux=real_rows(aux, mask), final=real_rows(final, mask),
+               prenorm=real_rows(pre, mask))
+    del logits, aux, final, pre, aux_h, aux_p
     ids_l, mask_l = make_batch(lengths, V, args.seed, left=True)
-    assert all(torch.equal(a[mk.bool()], b[mk2.bool()]) for a, mk, b, mk2 in zip(ids, mask, ids_l, mask_l))
     lg_l, ax_l = runner.forward_eagle3(ids_l, mask_l)
     left = dict(logits=real_rows(lg_l, mask_l), aux=real_rows(ax_l, mask_l))
     del lg_l, ax_l
-
-    # each row alone
-    alone = dict(logits=[], aux=[])
-    for b in range(len(lengths)):
-        row = ids[b:b + 1, : lengths[b]]
+    alone: dict[str, list] = dict(logits=[], aux=[])
+    for b, n in enumerate(lengths):
+        row = ids[b:b + 1, :n]
         lg, ax = runner.forward_eagle3(row, torch.ones_like(row))
-        alone["logits"].append(lg[0])
-        alone["aux"].append(ax[0])
-    batch_rel = {}
+        alone["logits"].append(lg[0].float().cpu())
+        alone["aux"].append(ax[0].float().cpu())
+    batching = {}
     for name, got in (("right_padded", out), ("left_padded", left)):
         for key in ("logits", "aux"):
             acc = Rel()
             for x, r in zip(got[key], alone[key]):
                 acc.add(x, r)
-            batch_rel[f"{name}_vs_per_row_{key}_rel"] = acc.value
-        batch_rel[f"{name}_vs_per_row_argmax_agree"] = float(
-            torch.cat([(x.argmax(-1) == r.argmax(-1)) for x, r in zip(got["logits"], alone["logits"])]).float().mean())
-
-    # an equal-length batch (no pads: the engine's no-copy path) against its rows alone
-    n = min(lengths)
-    eq = ids[:, :n].clone()
-    lg_e, ax_e = runner.forward_eagle3(eq, torch.ones_like(eq))
-    acc_l, acc_a = Rel(), Rel()
-    for b in range(eq.shape[0]):
-        lg, ax = runner.forward_eagle3(eq[b:b + 1], torch.ones_like(eq[b:b + 1]))
-        acc_l.add(lg_e[b], lg[0])
-        acc_a.add(ax_e[b], ax[0])
-    batch_rel["equal_length_vs_per_row_logits_rel"] = acc_l.value
-    batch_rel["equal_length_vs_per_row_aux_rel"] = acc_a.value
-    del lg_e, ax_e
-    res["batching"] = batch_rel
-    res["pools_free_at_end"] = alloc.available_size() == free0
-    res["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            batching[f"{name}_vs_per_row_{key}_rel"] = acc.value
+    res["batching"] = batching
+    if args.engine == "sglang":
+        alloc = runner._mr.token_to_kv_pool_allocator
+        res["pools_free_at_end"] = alloc.available_size() == alloc.size
+        res["capture"] = {"family": runner._rule.family, "official_switch": runner._official}
+    if torch.cuda.is_available():
+        res["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     runner.close()
-    runner.close()
-    res["close_twice_ok"] = True
-    log("SGLang stage done:", json.dumps({k: v for k, v in res.items() if k != "batching"}),
-        json.dumps(batch_rel))
-    torch.cuda.empty_cache()
     return out
 
 
-def hf_stages(args, lengths, aux_ids, sg_out, res) -> None:
+def reference_stage(args, model: str, lengths: list[int], aux_ids: list[int], eng: dict, res: dict) -> None:
+    """transformers bf16 on each row, and the fp32 reference (same weights upcast)."""
     from eagle3_target.engines import hf as hf_engine
 
-    runner = hf_engine.build(args.model, device="cuda", dtype="bfloat16")
+    runner = hf_engine.build(model, device=args.device, dtype="bfloat16")
     runner.set_aux_layers(aux_ids)
-    V = runner.model.config.vocab_size
-    n_layers = runner.model.config.num_hidden_layers
+    cfg = runner.model.config
+    V, H, n_layers = int(cfg.vocab_size), int(cfg.hidden_size), int(cfg.num_hidden_layers)
     ids, _ = make_batch(lengths, V, args.seed)
-    hf = dict(logits=[], aux=[], final=[])
-    for b in range(len(lengths)):
-        row = ids[b:b + 1, : lengths[b]].cuda()
+    dev = runner.device
+    bf = dict(logits=[], aux=[], final=[], prenorm=[])
+    for b, n in enumerate(lengths):
+        row = ids[b:b + 1, :n].to(dev)
         lg, ax = runner.forward_eagle3(row, torch.ones_like(row))
         fh, _ = runner.forward_eagle3_hidden(row, torch.ones_like(row))
-        hf["logits"].append(lg[0])
-        hf["aux"].append(ax[0])
-        hf["final"].append(fh[0])
-    log("HF bf16 engine done")
-
-    model = runner.model.float()  # the same bf16 weights, upcast: the fp32 reference
-    H = model.config.hidden_size
-    acc = {f"{e}_{k}": Rel() for e in ("sglang", "hf_bf16") for k in ("logits", "final", "aux0", "aux1", "aux2")}
-    agree = {"sglang": 0, "hf_bf16": 0}
-    sg_vs_hf = {"logits": Rel(), "aux": Rel(), "argmax": 0}
-    neighbours = [[Rel() for _ in range(3)] for _ in range(3)]  # slot j vs layer id-1, id, id+1
+        pr, _ = runner.forward_eagle3_prenorm(row, torch.ones_like(row))
+        for k, v in (("logits", lg), ("aux", ax), ("final", fh), ("prenorm", pr)):
+            bf[k].append(v[0].float().cpu())
+    runner.model.float()  # the same bf16 weights, upcast: the fp32 reference
+    keys = ("logits", "final", "prenorm", "aux0", "aux1", "aux2")
+    acc = {f"{e}_{k}": Rel() for e in ("engine", "hf_bf16") for k in keys}
+    agree = {"engine": 0, "hf_bf16": 0}
     total = 0
-    with torch.no_grad():
-        for b in range(len(lengths)):
-            row = ids[b:b + 1, : lengths[b]].cuda()
-            o = model(input_ids=row, output_hidden_states=True, use_cache=False)
-            ref_logits = o.logits[0]
-            ref_final = o.hidden_states[-1][0]
-            ref_arg = ref_logits.argmax(-1)
-            for eng, src in (("sglang", sg_out), ("hf_bf16", hf)):
-                acc[f"{eng}_logits"].add(src["logits"][b], ref_logits)
-                acc[f"{eng}_final"].add(src["final"][b], ref_final)
-                agree[eng] += int((src["logits"][b].argmax(-1) == ref_arg).sum())
-                for j, k in enumerate(aux_ids):
-                    acc[f"{eng}_aux{j}"].add(src["aux"][b][:, j * H:(j + 1) * H], o.hidden_states[k + 1][0])
-            for j, k in enumerate(aux_ids):
-                x = sg_out["aux"][b][:, j * H:(j + 1) * H]
-                for d in (-1, 0, 1):
-                    if 0 <= k + d + 1 <= n_layers - 1:
-                        neighbours[j][d + 1].add(x, o.hidden_states[k + d + 1][0])
-            sg_vs_hf["logits"].add(sg_out["logits"][b], hf["logits"][b])
-            sg_vs_hf["aux"].add(sg_out["aux"][b], hf["aux"][b])
-            sg_vs_hf["argmax"] += int((sg_out["logits"][b].argmax(-1) == hf["logits"][b].argmax(-1)).sum())
-            total += lengths[b]
-            del o
+    for b, n in enumerate(lengths):
+        row = ids[b:b + 1, :n].to(dev)
+        lg, ax = runner.forward_eagle3(row, torch.ones_like(row))
+        fh, _ = runner.forward_eagle3_hidden(row, torch.ones_like(row))
+        pr, _ = runner.forward_eagle3_prenorm(row, torch.ones_like(row))
+        ref = dict(logits=lg[0].float().cpu(), aux=ax[0].float().cpu(), final=fh[0].float().cpu(),
+                   prenorm=pr[0].float().cpu())
+        arg = ref["logits"].argmax(-1)
+        for e, src in (("engine", eng), ("hf_bf16", bf)):
+            for k in ("logits", "final", "prenorm"):
+                acc[f"{e}_{k}"].add(src[k][b], ref[k])
+            for j in range(3):
+                acc[f"{e}_aux{j}"].add(src["aux"][b][:, j * H:(j + 1) * H], ref["aux"][:, j * H:(j + 1) * H])
+            agree[e] += int((src["logits"][b].argmax(-1) == arg).sum())
+        total += n
     res["tokens"] = total
+    res["layers"] = n_layers
     res["vs_fp32"] = {k: v.value for k, v in acc.items()}
     res["vs_fp32"].update({f"{e}_argmax_agree": agree[e] / total for e in agree})
-    res["sglang_vs_hf_bf16"] = {"logits_rel": sg_vs_hf["logits"].value, "aux_rel": sg_vs_hf["aux"].value,
-                                "argmax_agree": sg_vs_hf["argmax"] / total}
-    res["aux_slot_vs_layers"] = [
-        {f"layer_{k + d}": neighbours[j][d + 1].value for d in (-1, 0, 1) if neighbours[j][d + 1].den}
-        for j, k in enumerate(aux_ids)]
     runner.close()
 
 
-def verdict(res: dict, aux_ids: list[int]) -> dict:
+def verdict(res: dict) -> dict:
     v = res["vs_fp32"]
-    checks = {}
-    for k in ("logits", "final", "aux0", "aux1", "aux2"):
-        checks[f"{k}_no_worse_than_hf"] = v[f"sglang_{k}"] <= 1.1 * v[f"hf_bf16_{k}"]
-    checks["argmax_no_worse_than_hf"] = v["sglang_argmax_agree"] >= v["hf_bf16_argmax_agree"] - 0.005
-    noise = 0.25 * v["hf_bf16_logits"]
-    b = res["batching"]
-    for k, x in b.items():
-        if k.endswith("_rel"):
-            bar = noise if "logits" in k else 0.25 * min(v[f"hf_bf16_aux{j}"] for j in range(3))
-            checks[f"{k}_below_quarter_hf_error"] = x <= bar
-    checks["aux_slots_match_their_layer"] = all(
-        min(d, key=d.get) == f"layer_{k}" for d, k in zip(res["aux_slot_vs_layers"], aux_ids))
-    checks["one_extend_for_the_batch"] = res["ragged_extends"] == 1
-    checks["pools_cleared"] = res["pools_free_after_call"] and res["pools_free_at_end"]
-    checks["zeros_at_pads"] = res["zeros_at_pads"]
-    checks["hidden_mode"] = res["hidden_mode_aux_equal"] and res["lm_head_of_final_vs_logits_rel"] < 1e-2
+    checks = {f"{k}_no_worse_than_hf_bf16": v[f"engine_{k}"] <= 1.1 * v[f"hf_bf16_{k}"] + 1e-6
+              for k in ("logits", "final", "prenorm", "aux0", "aux1", "aux2")}
+    checks["argmax_no_worse_than_hf_bf16"] = v["engine_argmax_agree"] >= v["hf_bf16_argmax_agree"] - 0.005
+    for k, x in res["batching"].items():
+        if res["engine"] != "sglang":  # the dry run's stand-in is bf16 transformers itself, whose
+            continue  # padded batches differ from per-row runs by its own kernel noise: recorded only
+        bar = 0.25 * (v["hf_bf16_logits"] if "logits" in k else min(v[f"hf_bf16_aux{j}"] for j in range(3)))
+        checks[f"{k}_below_quarter_hf_error"] = x <= bar + 1e-6
+    checks["hidden_and_prenorm_aux_equal"] = res["hidden_and_prenorm_aux_equal"]
+    checks["lm_head_rebuilds_logits"] = res["lm_head_of_final_vs_logits_rel"] < 1e-2
+    if "ragged_extends" in res:
+        checks["one_extend_for_the_batch"] = res["ragged_extends"] == 1
+        checks["pools_cleared"] = res["pools_free_at_end"]
+        checks["zeros_at_pads"] = res["zeros_at_pads"]
     return checks
+
+
+def build_family(name: str, work: Path, head_scale: float) -> str:
+    out = work / name
+    if (out / "config.json").exists():
+        return str(out)
+    if name == "llama3-8b":  # the Llama-3.1-8B shape: 16 GB of bf16, built on the GPU
+        from eagle3_target.tiny import PRESETS, make_tiny_model
+
+        make_tiny_model(out, PRESETS["llama3-8b"], device="cuda")
+    else:
+        from eagle3_target.families import Shape, make_family_model
+
+        make_family_model(name, out, shape=Shape(**GPU_SHAPE), head_scale=head_scale, dtype="bfloat16")
+    return str(out)
+
+
+def validate(args, name: str, model: str, out_path: Path) -> bool:
+    from transformers import AutoConfig
+
+    from eagle3_target.contract import default_aux_layer_ids
+    from eagle3_target.engines.common import text_config
+
+    n_layers = int(text_config(AutoConfig.from_pretrained(model)).num_hidden_layers)
+    aux_ids = [int(x) for x in args.aux_ids.split(",")] if args.aux_ids else default_aux_layer_ids(n_layers)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if name == "llama3-8b" and not args.lengths_given:
+        lengths = [2048, 1000, 517, 300]
+    res = {"name": name, "model": model, "engine": args.engine, "device": str(args.device),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "torch": torch.__version__, "attention_backend": args.attention_backend,
+           "lengths": lengths, "aux_ids": aux_ids}
+    t = time.time()
+    ok = False
+    try:
+        eng = engine_stage(args, model, lengths, aux_ids, res)
+        reference_stage(args, model, lengths, aux_ids, eng, res)
+        res["checks"] = verdict(res)
+        ok = res["pass"] = all(res["checks"].values())
+    except BaseException as e:
+        expected = EXPECT_REFUSED.get(name)
+        refused = type(e).__name__ == "SGLangUnavailableError"
+        res["refused" if refused else "error"] = str(e) if refused else traceback.format_exc()
+        ok = res["pass"] = bool(refused and (expected is None or expected in str(e)) and args.engine == "sglang"
+                                and (expected is not None or "Gemma-3" in str(e)))
+        log(f"{name}: {'refused' if refused else 'error'}: {str(e)[:300]}")
+    res["seconds"] = round(time.time() - t, 1)
+    out_path.write_text(json.dumps(res, indent=1))
+    log(f"VALIDATE {name}: pass={res.get('pass')} checks={json.dumps(res.get('checks'))}")
+    log(f"VALIDATE {name}: vs_fp32={json.dumps(res.get('vs_fp32'))}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return ok
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--families", help="comma-separated: " + "llama,qwen3,qwen3-moe,mixtral,gemma2,gemma3,"
+                     "gpt-oss,deepseek-v3,phi3,llama3-8b")
+    src.add_argument("--model", help="one checkpoint instead of built families")
+    p.add_argument("--out", help="result JSON with --model")
+    p.add_argument("--out-dir", help="per-family JSONs and summary.json with --families")
+    p.add_argument("--work-dir", default="/tmp/eagle3-families", help="where the family checkpoints are built")
     p.add_argument("--name", default="model")
+    p.add_argument("--engine", choices=("sglang", "hf"), default="sglang",
+                   help="hf: the CPU dry run (transformers bf16 stands in for SGLang)")
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--attention-backend", default="triton")
-    p.add_argument("--lengths", default="37,64,129,5,300,512")
-    p.add_argument("--aux-ids", default=None, help="comma-separated; default: contract's default ids")
+    p.add_argument("--lengths", default=None, help="default 37,64,129,5,200 (8B shape: 2048,1000,517,300)")
+    p.add_argument("--aux-ids", default=None, help="comma-separated; default: the contract's default ids")
+    p.add_argument("--head-scale", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--mem-fraction-static", type=float, default=0.6)
     args = p.parse_args()
-    from transformers import AutoConfig
-
-    from eagle3_target.contract import default_aux_layer_ids
-
-    n_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers
-    aux_ids = ([int(x) for x in args.aux_ids.split(",")] if args.aux_ids
-               else default_aux_layer_ids(n_layers))
-    lengths = [int(x) for x in args.lengths.split(",")]
-    res = {"name": args.name, "model": args.model, "gpu": torch.cuda.get_device_name(0),
-           "torch": torch.__version__, "attention_backend": args.attention_backend,
-           "lengths": lengths, "aux_ids": aux_ids}
-    rc = 0
-    try:
-        sg_out = sglang_stage(args, lengths, aux_ids, res)
-        hf_stages(args, lengths, aux_ids, sg_out, res)
-        res["checks"] = verdict(res, aux_ids)
-        res["pass"] = all(res["checks"].values())
-        rc = 0 if res["pass"] else 1
-    except BaseException:
-        res["error"] = traceback.format_exc()
-        log(res["error"])
-        rc = 1
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    log(f"VALIDATE {args.name}: pass={res.get('pass')} checks={json.dumps(res.get('checks'))}")
-    log(f"VALIDATE {args.name}: vs_fp32={json.dumps(res.get('vs_fp32'))}")
-    return rc
+    args.lengths_given = args.lengths is not None
+    args.lengths = args.lengths or "37,64,129,5,200"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.engine == "sglang" and args.device != "cuda":
+        p.error("--engine sglang needs a CUDA GPU; use --engine hf for the CPU dry run")
+    if args.model:
+        return 0 if validate(args, args.name, args.model, Path(args.out or "validate.json")) else 1
+    out_dir = Path(args.out_dir or "validate-families")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir)
+    summary = {}
+    for name in [x.strip() for x in args.families.split(",") if x.strip()]:
+        t = time.time()
+        model = build_family(name, work, args.head_scale)
+        log(f"{name}: checkpoint at {model} ({time.time() - t:.1f}s)")
+        summary[name] = validate(args, name, model, out_dir / f"validate_{name}.json")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"SUMMARY {json.dumps(summary)}")
+    return 0 if all(summary.values()) else 1
 
 
 if __name__ == "__main__":

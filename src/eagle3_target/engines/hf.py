@@ -18,7 +18,8 @@ from torch import nn
 from eagle3_target.contract import LMHead, validate_aux_layer_ids
 from eagle3_target.engines.common import default_device, parse_dtype, text_config
 
-__all__ = ["HFTargetRunner", "build", "find_decoder_layers"]
+__all__ = ["HFTargetRunner", "build", "find_decoder_layers", "default_attn_implementation",
+           "EAGER_ATTENTION"]
 
 # Where causal LMs keep their decoder layers, most common first.
 _LAYER_PATHS = (
@@ -83,11 +84,17 @@ class HFTargetRunner:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Skips the LM head: ``(final_hidden [B,S,H], aux [B,S,3H])``, unshifted."""
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        if base is None:
-            base = getattr(self.model, self.model.base_model_prefix)
-        out, aux = self._run(base, input_ids, attention_mask)
+        out, aux = self._run(self._decoder(), input_ids, attention_mask)
         return out.last_hidden_state, aux
+
+    def forward_eagle3_prenorm(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(final_prenorm [B,S,H], aux [B,S,3H])``: the last decoder layer's output,
+        before the final norm (what transformers' ``hidden_states[N]`` is not: that one
+        is normed), unshifted."""
+        _, aux, pre = self._run(self._decoder(), input_ids, attention_mask, prenorm=True)
+        return pre, aux
 
     def input_embedding_weight(self) -> torch.Tensor:
         self._check_open()
@@ -131,9 +138,16 @@ class HFTargetRunner:
         self._check_open()
         return next(self.model.parameters()).device
 
+    def _decoder(self) -> nn.Module:
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        return base if base is not None else getattr(self.model, self.model.base_model_prefix)
+
     def _run(
-        self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[Any, torch.Tensor]:
+        self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prenorm: bool = False,
+    ) -> Any:
+        """One forward of ``module`` with hooks on the aux layers (and on the last layer
+        when ``prenorm``): ``(output, aux [B,S,3H])``, or ``(output, aux, prenorm [B,S,H])``."""
         self._check_open()
         if self._aux_ids is None:
             raise RuntimeError("set_aux_layers() must be called before forward")
@@ -145,7 +159,9 @@ class HFTargetRunner:
 
             return fn
 
-        handles = [self._layers[i].register_forward_hook(hook(i)) for i in self._aux_ids]
+        last = len(self._layers) - 1
+        wanted = sorted(set(self._aux_ids) | ({last} if prenorm else set()))
+        handles = [self._layers[i].register_forward_hook(hook(i)) for i in wanted]
         dev = self.device
         try:
             with torch.inference_mode():
@@ -157,10 +173,26 @@ class HFTargetRunner:
         finally:
             for h in handles:
                 h.remove()
-        if len(captured) != 3:
-            raise RuntimeError(f"captured {sorted(captured)} but expected layers {self._aux_ids}")
+        if sorted(captured) != wanted:
+            raise RuntimeError(f"captured {sorted(captured)} but expected layers {wanted}")
         aux = torch.cat([captured[i] for i in self._aux_ids], dim=-1)
-        return out, aux
+        return (out, aux, captured[last]) if prenorm else (out, aux)
+
+
+# model_type -> attention implementation when the caller names none: these
+# architectures either reject sdpa at load or compute something else with it
+# (Gemma-2's soft-capped attention scores and gpt-oss's attention sinks exist only in
+# the eager kernel here); everything else takes sdpa.
+EAGER_ATTENTION = ("gemma2", "gpt_oss")
+
+
+def default_attn_implementation(model_path: str, trust_remote_code: bool = False) -> str:
+    """``"eager"`` for the :data:`EAGER_ATTENTION` families, else ``"sdpa"``."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    types = {getattr(cfg, "model_type", None), getattr(text_config(cfg), "model_type", None)}
+    return "eager" if types & set(EAGER_ATTENTION) else "sdpa"
 
 
 def build(
@@ -168,14 +200,20 @@ def build(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> HFTargetRunner:
     """Loads ``model_path`` (local directory; nothing is downloaded).
 
-    ``device`` defaults to CUDA when present; ``dtype`` to bf16 on CUDA, fp32 on CPU.
+    ``device`` defaults to CUDA when present; ``dtype`` to bf16 on CUDA, fp32 on CPU;
+    ``attn_implementation`` to one the architecture supports
+    (:func:`default_attn_implementation`; ``--engine-arg attn_implementation=...``
+    overrides it).
     """
     from transformers import AutoModelForCausalLM
+
+    if attn_implementation is None:
+        attn_implementation = default_attn_implementation(model_path, trust_remote_code)
 
     device = torch.device(device or default_device())
     torch_dtype = parse_dtype(dtype)
