@@ -58,7 +58,8 @@ from eagle3_target.engines.packing import plan_extends, row_spans, scatter_rows
 
 __all__ = ["SGLangTargetRunner", "SGLangUnavailableError", "build", "sglang_dtype_str", "MODES",
            "Eagle3LogitsProcessor", "full_logits", "wrap_logits_processors",
-           "CAPTURE_TABLE", "Capture", "capture_rule", "SUPPORTED_SGLANG", "check_sglang_version"]
+           "CAPTURE_TABLE", "Capture", "capture_rule", "SUPPORTED_SGLANG", "check_sglang_version",
+           "ANY_VERSION_ENV", "unpack_aux"]
 
 log = logging.getLogger(__name__)
 
