@@ -6,12 +6,13 @@
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
-# earlier run), code/ (src/, scripts/, bench/ of this repository) and, for the server and
-# dump stages, extra/ (wheels the GPU image lacks: fastapi, uvicorn, httptools, httpx, prometheus-client,
-# tqdm, opentelemetry-api and their pure-Python dependencies). Results and one log
+# earlier run) and, for the server and dump stages, extra/ (wheels the GPU image lacks:
+# fastapi, uvicorn, httptools, opentelemetry-api, typing-inspection). The code run is this
+# script's own repository. Results and one log
 # go to $OUT; the flashinfer JIT cache is packed to $OUT/fi-cache.tgz for the next run.
 set -uo pipefail
 G=$(cd "${1:?usage: sglang_device.sh GPU_DIR STAGE...}" && pwd); shift
+REPO=$(cd "$(dirname "$0")/../.." && pwd)  # this repository's code, as it is on the machine
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/device.log
 exec > >(tee -a "$LOG") 2>&1
@@ -29,10 +30,10 @@ tar xzf "$G/jit-caches-sglang-0.5.16-h100.tgz" -C /tmp
 # installed files; the cache keeps its own dates (touching it instead makes ninja distrust
 # its deps log and rebuild all the same).
 find /tmp/site -exec touch -h -d 2020-01-01 {} +
-export PYTHONPATH=/tmp/site:$G/code/src SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 \
+export PYTHONPATH=/tmp/site:$REPO/src SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 \
   TVM_FFI_CACHE_DIR=/tmp/tvmcache TRITON_CACHE_DIR=/tmp/tritoncache FLASHINFER_WORKSPACE_BASE=/tmp/fiws \
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TOKENIZERS_PARALLELISM=false
-S=$G/code/scripts/gpu
+S=$REPO/scripts/gpu
 rc=0
 step() {  # step SECONDS CMD...: a hang in one stage must not eat the whole call
   echo "== $(date -u +%T) $*"
@@ -56,12 +57,15 @@ for stage in "$@"; do
       step 240 python3 "$S/validate_sglang.py" --name tiny-peaked --model /tmp/tiny-peaked \
         --attention-backend triton --aux-ids 5,0,3 --out "$OUT/validate_tiny.json" ;;
     validate-families)
-      # Issue 18 part 1: tiny bf16 models (H=256, head dim 64, LM head x8) of every family and
-      # the Llama-3.1-8B shape, SGLang vs an fp32 reference beside transformers bf16.
-      # FAMILIES=... narrows the list; one JSON per family and summary.json in $OUT/families.
+      # Tiny bf16 models (H=256, head dim 64, LM head x8) of every family and the
+      # Llama-3.1-8B shape, SGLang vs an fp32 reference beside transformers bf16.
+      # FAMILIES=... narrows the list; one JSON per family and summary.json, packed into
+      # $OUT/families.tgz (few files come back from a machine).
       step 560 python3 "$S/validate_sglang.py" \
         --families ${FAMILIES:-llama,qwen3,qwen3-moe,mixtral,gpt-oss,deepseek-v3,gemma3,phi3,llama3-8b} \
-        --attention-backend ${ATTN:-triton} --work-dir /tmp/eagle3-families --out-dir "$OUT/families" ;;
+        --attention-backend ${ATTN:-triton} --work-dir /tmp/eagle3-families --out-dir "$OUT/families"
+      cp "$OUT/families/summary.json" "$OUT/families-summary.json" 2>/dev/null
+      tar czf "$OUT/families.tgz" -C "$OUT" families && rm -rf "$OUT/families" ;;
     validate-8b)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 420 python3 "$S/validate_sglang.py" --name llama3-8b --model /tmp/llama8b \
@@ -69,20 +73,20 @@ for stage in "$@"; do
         --out "$OUT/validate_8b.json" ;;
     bench)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
-      step 420 python3 "$G/code/bench/bench_sglang.py" --model /tmp/llama8b --batch 8 --seq 2048 \
+      step 420 python3 "$REPO/bench/bench_sglang.py" --model /tmp/llama8b --batch 8 --seq 2048 \
         --attention-backend flashinfer --out "$OUT/bench_sglang.json" ;;
     bench-server)
       # Server vs in-process on the 8B shape; triton attention (its JIT cache is carried).
       # Every mode: SERVER_MODES=hidden,draft,topk,logits SERVER_RUNS=8.
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
-      step 560 python3 "$G/code/bench/bench_server.py" --model /tmp/llama8b --engine sglang \
+      step 560 python3 "$REPO/bench/bench_server.py" --model /tmp/llama8b --engine sglang \
         --device cuda --dtype bfloat16 --batch 4 --seq-len 2048 --clients 1,2 \
         --runs ${SERVER_RUNS:-12} --repeat 2 --modes ${SERVER_MODES:-hidden} --prefetch 0,2 \
         --engine-arg attention_backend=triton \
         | tee "$OUT/bench_server.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-dump)
       chat_target_8b
-      step 420 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
+      step 420 python3 "$REPO/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
         --device cuda --dtype bfloat16 --repeat 2 --synthetic-mb 0 --batch-tokens 16384 \
         --draft-vocab-size 32000 --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
@@ -91,9 +95,9 @@ for stage in "$@"; do
       # Hidden mode on DUMP_COPIES (10) x the sample chats (~385k tokens), so the dump's fixed costs
       # (writing the 1 GB LM head once, start-up) weigh as little as in a real dump.
       chat_target_8b
-      chats=$G/code/src/eagle3_target/data/sample_chats.jsonl
+      chats=$REPO/src/eagle3_target/data/sample_chats.jsonl
       for i in $(seq ${DUMP_COPIES:-10}); do cat "$chats"; done > /tmp/chats-large.jsonl
-      step 560 python3 "$G/code/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
+      step 560 python3 "$REPO/bench/bench_dump.py" --model /tmp/llama8b --engine sglang \
         --device cuda --dtype bfloat16 --repeat ${DUMP_REPEAT:-3} --synthetic-mb ${SYNTHETIC_MB:-2048} --batch-tokens 16384 \
         --modes hidden --data /tmp/chats-large.jsonl --shard-size-mb 256 --breakdown --check --variants ${VARIANTS:-base} \
         --engine-arg attention_backend=triton \
@@ -104,7 +108,7 @@ for stage in "$@"; do
       # rows the render process took (all of them when its start overlapped the engine load).
       # CLI_BREAKDOWN=1 and CLI_STACKS=$OUT/stacks: see scripts/gpu/cli_dump.py.
       chat_target_8b
-      for i in $(seq ${CLI_COPIES:-4}); do cat "$G/code/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-cli.jsonl
+      for i in $(seq ${CLI_COPIES:-4}); do cat "$REPO/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-cli.jsonl
       rm -rf /tmp/cli-dump
       step 300 python3 "$S/cli_dump.py" dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
         --data /tmp/chats-cli.jsonl --out /tmp/cli-dump --batch-tokens 16384 \
@@ -118,7 +122,7 @@ for stage in "$@"; do
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-transport)
       # One 268 MB answer over loopback: the old and new send and read paths.
-      step 300 python3 "$G/code/bench/bench_transport.py" | tee "$OUT/bench_transport.txt" ;;
+      step 300 python3 "$REPO/bench/bench_transport.py" | tee "$OUT/bench_transport.txt" ;;
     diag-io)
       # The I/O ceilings of this host: disk, sha256, memcpy, device-to-host, loopback HTTP.
       step 300 python3 "$S/diag_io.py" --dir /tmp --mb 4096 --http-mb 256 | tee "$OUT/diag_io.txt" ;;
