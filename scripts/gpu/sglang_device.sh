@@ -63,7 +63,8 @@ for stage in "$@"; do
       # $OUT/families.tgz (few files come back from a machine).
       step 560 python3 "$S/validate_sglang.py" \
         --families ${FAMILIES:-llama,qwen3,qwen3-moe,mixtral,gpt-oss,deepseek-v3,gemma3,phi3,llama3-8b} \
-        --attention-backend ${ATTN:-triton} --work-dir /tmp/eagle3-families --out-dir "$OUT/families"
+        --attention-backend ${ATTN:-triton} --work-dir /tmp/eagle3-families --out-dir "$OUT/families" \
+        ${VALIDATE_ARGS:-}
       cp "$OUT/families/summary.json" "$OUT/families-summary.json" 2>/dev/null
       tar czf "$OUT/families.tgz" -C "$OUT" families && rm -rf "$OUT/families" ;;
     validate-8b)

@@ -86,8 +86,9 @@ def _gemma3(s: Shape) -> Any:
 def _gpt_oss(s: Shape) -> Any:
     from transformers import GptOssConfig
 
+    # swiglu_limit: released checkpoints carry it (transformers hard-codes 7.0; SGLang reads it).
     return GptOssConfig(**_common(s), head_dim=s.hidden // s.heads, num_local_experts=4,
-                        num_experts_per_tok=2, sliding_window=8,
+                        num_experts_per_tok=2, sliding_window=8, swiglu_limit=7.0,
                         rope_parameters=dict(rope_type="yarn", factor=1.0, beta_fast=32.0, beta_slow=1.0,
                                              rope_theta=150000.0, original_max_position_embeddings=s.max_position,
                                              truncate=False))
@@ -98,8 +99,14 @@ def _deepseek_v3(s: Shape) -> Any:
 
     return DeepseekV3Config(**{**_common(s), "num_key_value_heads": s.heads}, moe_intermediate_size=s.intermediate // 2,
                             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
-                            topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
-                            qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+                            topk_group=1, first_k_dense_replace=1,
+                            # DeepSeek-V3's own MLA dimensions: SGLang's MLA kernels take these
+                            # (a 32/16/16 toy crashed them with an illegal memory access).
+                            q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64,
+                            qk_nope_head_dim=128, v_head_dim=128,
+                            # What released checkpoints' config.json carry and SGLang reads.
+                            moe_layer_freq=1, topk_method="noaux_tc", scoring_func="sigmoid",
+                            num_nextn_predict_layers=0)
 
 
 def _phi3(s: Shape) -> Any:

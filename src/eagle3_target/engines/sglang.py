@@ -306,6 +306,9 @@ def _load_api(package: str = "sglang") -> SimpleNamespace:
         teardown=[f for f in (
             s("srt.distributed.parallel_state:destroy_model_parallel", False),
             s("srt.distributed.parallel_state:destroy_distributed_environment", False),
+            # Process-wide slots a runner publishes once (an MoE model's expert locations,
+            # the server args): a second runner in this process asserts they are empty.
+            s("srt.runtime_context:reset_context", False),
         ) if f is not None],
     )
 
