@@ -94,36 +94,39 @@ class HiddenRunner(TargetRunner, Protocol):
 # --------------------------------------------------------------------------- aux ids
 
 
-def default_aux_layer_ids(num_layers: int) -> list[int]:
+def default_aux_layer_ids(num_layers: int, *, name: str = "aux_layer_ids") -> list[int]:
     """EAGLE-3's low / middle / high recipe: ``[1, N//2-1, N-4]`` (32 layers -> [1,15,28]).
 
     Raises ValueError on a model too shallow for three distinct ids; we never
     deduplicate silently, since the draft's ``fc`` expects exactly ``3H`` inputs.
+    ``name`` is what the message calls the ids' setting (``--aux-layers`` on the command
+    line).
     """
     ids = [1, num_layers // 2 - 1, num_layers - 4]
     if len(set(ids)) != 3 or any(i < 0 or i >= num_layers for i in ids):
         raise ValueError(
             f"the model has {num_layers} decoder layers, too shallow for the default "
-            f"EAGLE-3 aux layers {ids}: pass aux_layer_ids explicitly "
+            f"EAGLE-3 aux layers {ids}: pass {name} explicitly "
             f"(three distinct ids in [0, {num_layers}))"
         )
     return ids
 
 
-def validate_aux_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
-    """Checks three distinct, in-range integer ids; returns them as a list of int."""
+def validate_aux_layer_ids(ids: Sequence[int], num_layers: int, *, name: str = "aux_layer_ids") -> list[int]:
+    """Checks three distinct, in-range integer ids; returns them as a list of int.
+    ``name`` is what the messages call the setting."""
     ids = list(ids)
     if len(ids) != 3:
-        raise ValueError(f"aux_layer_ids must hold exactly 3 layer ids, got {len(ids)}: {ids}")
+        raise ValueError(f"{name} must hold exactly 3 layer ids, got {len(ids)}: {ids}")
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, int):
-            raise ValueError(f"aux_layer_ids must be integers, got {i!r} in {ids}")
+            raise ValueError(f"{name} must be integers, got {i!r} in {ids}")
     if len(set(ids)) != 3:
-        raise ValueError(f"aux_layer_ids must be distinct, got {ids}")
+        raise ValueError(f"{name} must be distinct, got {ids}")
     bad = [i for i in ids if i < 0 or i >= num_layers]
     if bad:
         raise ValueError(
-            f"aux_layer_ids {bad} out of range for a model with {num_layers} decoder layers "
+            f"{name} {bad} out of range for a model with {num_layers} decoder layers "
             f"(valid ids are 0..{num_layers - 1})"
         )
     return [int(i) for i in ids]
@@ -336,13 +339,14 @@ class Eagle3TargetModel:
     ``Eagle3TargetModel.from_pretrained(path, engine="hf", ...)``.
     """
 
-    def __init__(self, runner: TargetRunner, aux_layer_ids: Sequence[int] | None = None):
+    def __init__(self, runner: TargetRunner, aux_layer_ids: Sequence[int] | None = None, *,
+                 aux_ids_name: str = "aux_layer_ids"):
         self._runner = runner
         self.model = runner.model
         config = text_config(self.model.config)
         n = int(config.num_hidden_layers)
-        ids = default_aux_layer_ids(n) if aux_layer_ids is None else aux_layer_ids
-        self.aux_layer_ids: list[int] = validate_aux_layer_ids(ids, n)
+        ids = default_aux_layer_ids(n, name=aux_ids_name) if aux_layer_ids is None else aux_layer_ids
+        self.aux_layer_ids: list[int] = validate_aux_layer_ids(ids, n, name=aux_ids_name)
         self.vocab_size: int = int(getattr(config, "vocab_size"))
         self.hidden_size: int = int(getattr(config, "hidden_size"))
         self.num_hidden_layers: int = n
@@ -357,14 +361,16 @@ class Eagle3TargetModel:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         aux_layer_ids: Sequence[int] | None = None,
+        aux_ids_name: str = "aux_layer_ids",
         **engine_kwargs: Any,
     ) -> "Eagle3TargetModel":
-        """Loads ``path`` (a local model directory) with the named engine."""
+        """Loads ``path`` (a local model directory) with the named engine; ``aux_ids_name``
+        is what errors about the ids call them (``--aux-layers`` on the command line)."""
         from eagle3_target.engines import build_runner
 
         runner = build_runner(engine, path, device=device, dtype=dtype, **engine_kwargs)
         try:
-            return cls(runner, aux_layer_ids=aux_layer_ids)
+            return cls(runner, aux_layer_ids=aux_layer_ids, aux_ids_name=aux_ids_name)
         except BaseException:
             runner.close()
             raise

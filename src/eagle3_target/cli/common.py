@@ -68,5 +68,6 @@ def load_target(args: argparse.Namespace, **engine_kwargs: Any):
         device=args.device,
         dtype=args.dtype,
         aux_layer_ids=parse_aux_layers(args.aux_layers),
+        aux_ids_name="--aux-layers",
         **{**parse_engine_args(getattr(args, "engine_arg", None) or []), **engine_kwargs},
     )

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from eagle3_target.cli.common import add_model_args
+from eagle3_target.cli.common import add_model_args, parse_aux_layers
 
 __all__ = ["register"]
 
@@ -15,7 +15,7 @@ __all__ = ["register"]
 def _cmd_info(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from eagle3_target.contract import default_aux_layer_ids
+    from eagle3_target.contract import default_aux_layer_ids, validate_aux_layer_ids
     from eagle3_target.engines.common import quiet_transformers, text_config
     from eagle3_target.tiny import resolve_model
 
@@ -24,25 +24,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     text = text_config(cfg)
     n = int(text.num_hidden_layers)
+    given = parse_aux_layers(args.aux_layers)
+    default: list[int] | None
     try:
-        aux: Any = default_aux_layer_ids(n)
+        default = default_aux_layer_ids(n, name="--aux-layers")
+        note = None
     except ValueError as e:
-        aux = f"none ({e})"
-    info = {
+        default, note = None, str(e)
+    # The ids a target built with these flags would capture; checked as loading checks them.
+    aux = validate_aux_layer_ids(given, n, name="--aux-layers") if given is not None else default
+    info: dict[str, Any] = {
         "model": path,
         "architecture": (getattr(cfg, "architectures", None) or ["?"])[0],
         "num_hidden_layers": n,
         "hidden_size": int(text.hidden_size),
         "vocab_size": int(text.vocab_size),
-        "default_aux_layer_ids": aux,
+        "aux_layer_ids": aux,
+        "default_aux_layer_ids": default,
         "dtype": str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)),
     }
+    if note is not None and given is None:
+        info["note"] = note
     if args.json:
         print(json.dumps(info))
     else:
         width = max(len(k) for k in info)
         for k, v in info.items():
-            print(f"{k:<{width}}  {v}")
+            print(f"{k:<{width}}  {'none' if v is None else v}")
     return 0
 
 

@@ -92,7 +92,8 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
     quiet_transformers()
     return Eagle3TargetModel.from_pretrained(resolve_model(cfg.model), engine=cfg.engine,
                                              device=cfg.device, dtype=cfg.dtype,
-                                             aux_layer_ids=cfg.aux_layer_ids, **cfg.engine_args)
+                                             aux_layer_ids=cfg.aux_layer_ids, aux_ids_name="--aux-layers",
+                                             **cfg.engine_args)
 
 
 def _source_dims(source: Any, mode: str, mapping: Any) -> tuple[int, int, str]:
