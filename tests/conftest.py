@@ -26,6 +26,22 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_path(tiny_model_dir) -> str:
+    return str(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_runner(tiny_path):
+    """The transformers engine on the tiny model, fp32 CPU: the reference the SGLang
+    engine suites compare against."""
+    from eagle3_target.engines import hf as hf_engine
+
+    r = hf_engine.build(tiny_path, device="cpu", dtype="float32")
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="session")
 def tok(tiny_model_dir):
     """The tiny model's tokenizer (ChatML template with generation markers)."""
     from eagle3_target.data.tokenizer import load_tokenizer

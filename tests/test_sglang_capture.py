@@ -13,22 +13,8 @@ import pytest
 import torch
 
 import fake_sglang
-from eagle3_target.engines import hf as hf_engine
 from eagle3_target.engines import sglang as sg
-from eagle3_target.tiny import tiny_model_path
 from sglang_helpers import assert_rows_match, family_dir, hf_rows, ragged, use_fake
-
-
-@pytest.fixture(scope="module")
-def tiny_path() -> str:
-    return str(tiny_model_path("tiny"))
-
-
-@pytest.fixture(scope="module")
-def hf_runner(tiny_path):
-    r = hf_engine.build(tiny_path, device="cpu", dtype="float32")
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,24 +19,10 @@ import torch
 
 import fake_sglang
 from eagle3_target import Eagle3TargetModel
-from eagle3_target.tiny import tiny_model_path
-from eagle3_target.engines import hf as hf_engine
 from eagle3_target.engines import sglang as sg
 from sglang_helpers import TOL, use_fake, ragged as _ragged, hf_rows
 
 RELEASES = ("0.5.16", "0.5.23")
-
-
-@pytest.fixture(scope="module")
-def tiny_path() -> str:
-    return str(tiny_model_path("tiny"))
-
-
-@pytest.fixture(scope="module")
-def hf_runner(tiny_path):
-    r = hf_engine.build(tiny_path, device="cpu", dtype="float32")
-    yield r
-    r.close()
 
 
 @pytest.fixture(params=RELEASES)

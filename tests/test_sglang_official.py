@@ -6,22 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from eagle3_target.engines import hf as hf_engine
 from eagle3_target.engines import sglang as sg
-from eagle3_target.tiny import tiny_model_path
 from sglang_helpers import assert_rows_match, hf_rows, ragged, use_fake
-
-
-@pytest.fixture(scope="module")
-def tiny_path() -> str:
-    return str(tiny_model_path("tiny"))
-
-
-@pytest.fixture(scope="module")
-def hf_runner(tiny_path):
-    r = hf_engine.build(tiny_path, device="cpu", dtype="float32")
-    yield r
-    r.close()
 
 
 @pytest.mark.parametrize("release, official", [("0.5.22", False), ("0.5.23", True)])
