@@ -109,3 +109,17 @@ def test_attention_implementation_defaults_to_one_the_family_supports(family_dir
     with Eagle3TargetModel.from_pretrained(path, device="cpu", dtype="float32",
                                            attn_implementation="eager") as t:  # the flag overrides
         assert t.runner.model.config._attn_implementation == "eager"
+
+
+def test_router_scale_multiplies_exactly_the_moe_routers(tmp_path):
+    from safetensors.torch import load_file
+
+    from eagle3_target.families import is_router, make_family_model
+
+    base = load_file(make_family_model("qwen3-moe", tmp_path / "a") / "model.safetensors")
+    scaled = load_file(make_family_model("qwen3-moe", tmp_path / "b", router_scale=8.0) / "model.safetensors")
+    routers = [k for k in base if is_router(k)]
+    assert routers and all(k.endswith("mlp.gate.weight") for k in routers)
+    for k, v in base.items():
+        want = v * 8.0 if k in routers else v
+        assert torch.equal(scaled[k], want), k

@@ -214,8 +214,8 @@ def verdict(res: dict) -> dict:
     return checks
 
 
-def build_family(name: str, work: Path, head_scale: float) -> str:
-    out = work / name
+def build_family(name: str, work: Path, head_scale: float, router_scale: float = 1.0) -> str:
+    out = work / (name if router_scale == 1.0 else f"{name}-router{router_scale:g}")
     if (out / "config.json").exists():
         return str(out)
     if name == "llama3-8b":  # the Llama-3.1-8B shape: 16 GB of bf16, built on the GPU
@@ -225,7 +225,8 @@ def build_family(name: str, work: Path, head_scale: float) -> str:
     else:
         from eagle3_target.families import Shape, make_family_model
 
-        make_family_model(name, out, shape=Shape(**GPU_SHAPE), head_scale=head_scale, dtype="bfloat16")
+        make_family_model(name, out, shape=Shape(**GPU_SHAPE), head_scale=head_scale,
+                          router_scale=router_scale, dtype="bfloat16")
     return str(out)
 
 
@@ -284,6 +285,8 @@ def main() -> int:
     p.add_argument("--lengths", default=None, help="default 37,64,129,5,200 (8B shape: 2048,1000,517,300)")
     p.add_argument("--aux-ids", default=None, help="comma-separated; default: the contract's default ids")
     p.add_argument("--head-scale", type=float, default=8.0)
+    p.add_argument("--router-scale", type=float, default=1.0,
+                   help="multiply MoE routers (e.g. 8: decisive routing, so bf16 rounding flips few experts)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--mem-fraction-static", type=float, default=0.6)
@@ -301,7 +304,7 @@ def main() -> int:
     summary = {}
     for name in [x.strip() for x in args.families.split(",") if x.strip()]:
         t = time.time()
-        model = build_family(name, work, args.head_scale)
+        model = build_family(name, work, args.head_scale, args.router_scale)
         log(f"{name}: checkpoint at {model} ({time.time() - t:.1f}s)")
         summary[name] = validate(args, name, model, out_dir / f"validate_{name}.json")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["Shape", "FAMILIES", "family_config", "make_family_model"]
+__all__ = ["Shape", "FAMILIES", "family_config", "make_family_model", "is_router"]
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,21 @@ def family_config(name: str, shape: Shape = Shape()) -> Any:
     return FAMILIES[name](shape)
 
 
+def is_router(param_name: str) -> bool:
+    """Whether a parameter is an MoE router's weight (``...mlp.gate.weight`` in Qwen3-MoE and
+    DeepSeek-V3, ``...block_sparse_moe.gate.weight`` in Mixtral, ``...mlp.router.weight``
+    in gpt-oss; not a dense MLP's ``gate_proj``)."""
+    return param_name.endswith((".gate.weight", ".router.weight"))
+
+
 def make_family_model(name: str, out_dir: str | Path, *, shape: Shape = Shape(), seed: int = 0,
-                      head_scale: float = 1.0, dtype: str = "float32") -> Path:
+                      head_scale: float = 1.0, router_scale: float = 1.0, dtype: str = "float32") -> Path:
     """Writes family ``name`` with random weights (``seed``) to ``out_dir`` (created; must
     be empty or absent) in ``dtype`` (``float32`` or ``bfloat16``). ``head_scale``
-    multiplies the LM head (for a tied head, the embedding it shares)."""
+    multiplies the LM head (for a tied head, the embedding it shares); ``router_scale``
+    multiplies MoE routers (:func:`is_router`): random routers sit near ties, and bf16
+    rounding then flips the experts of some tokens in any engine, which swamps the
+    comparison of two engines' errors."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -146,12 +156,17 @@ def make_family_model(name: str, out_dir: str | Path, *, shape: Shape = Shape(),
     with torch.no_grad():
         if head_scale != 1.0:
             model.get_output_embeddings().weight.mul_(head_scale)
+        if router_scale != 1.0:
+            for pname, p in model.named_parameters():
+                if is_router(pname):
+                    p.mul_(router_scale)
         for pname, p in model.named_parameters():  # norms off 1 so a skipped or doubled norm shows
             if "norm" in pname and p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     model.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    meta = dict(family=name, shape=asdict(shape), seed=seed, head_scale=head_scale, dtype=dtype)
+    meta = dict(family=name, shape=asdict(shape), seed=seed, head_scale=head_scale, dtype=dtype,
+                **({"router_scale": router_scale} if router_scale != 1.0 else {}))
     (out / "eagle3_family.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
