@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -53,6 +53,7 @@ from eagle3_target.data.chat import ChatEncoder
 from eagle3_target.data.samples import Sample, Skipped, encode_row
 from eagle3_target.data.rows import iter_raw_rows, worker_owns
 from eagle3_target.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from eagle3_target.wire.frames import FrameReader, die_with_parent, write_frame
 
 __all__ = ["RenderJob", "RenderProcess", "iter_samples_handover", "main", "POLL_SECONDS"]
 
@@ -60,7 +61,6 @@ POLL_SECONDS = 0.02
 """How often the stream asks whether the child is ready: not every row, since each
 question is a system call, and a GIL release the engine's thread then waits to win back."""
 
-_HEADER = struct.Struct("<cQ")
 _SAMPLE = struct.Struct("<qq")
 
 
@@ -129,7 +129,7 @@ class RenderProcess:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._in, self._out = self._proc.stdin, self._proc.stdout
-        self._frames = _FrameReader(self._out.fileno())
+        self._frames = FrameReader(self._out.fileno())
         self._send({"tokenizer": tokenizer_dir, "class": tokenizer_class})
 
     def _send(self, obj: dict[str, Any]) -> None:
@@ -245,47 +245,6 @@ def iter_samples_handover(paths: Sequence[str | Path], encoder: ChatEncoder, *, 
         yield mine if mine is not None else encode_row(raw, encoder)
 
 
-# --------------------------------------------------------------------------- frames
-
-
-class _FrameReader:
-    """Frames from a pipe, read in large chunks: one ``read`` (a GIL release, and a wait
-    to take it back from the engine) per chunk of many samples, not two per sample."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.buf = bytearray()
-        self.pos = 0
-
-    def _fill(self, need: int) -> bool:
-        while len(self.buf) - self.pos < need:
-            data = os.read(self.fd, 1 << 20)
-            if not data:
-                return False
-            if self.pos:
-                del self.buf[: self.pos]
-                self.pos = 0
-            self.buf += data
-        return True
-
-    def frame(self) -> tuple[bytes, bytes]:
-        """``(kind, payload)``; kind ``b""`` when the stream ended (the child exited)."""
-        if not self._fill(_HEADER.size):
-            return b"", b""
-        kind, n = _HEADER.unpack_from(self.buf, self.pos)
-        if not self._fill(_HEADER.size + n):
-            return b"", b""
-        start = self.pos + _HEADER.size
-        payload = bytes(self.buf[start : start + n])
-        self.pos = start + n
-        return kind, payload
-
-
-def _write_frame(f: BinaryIO, kind: bytes, payload: bytes) -> None:
-    f.write(_HEADER.pack(kind, len(payload)) + payload)
-    f.flush()
-
-
 def _sample_payload(s: Sample) -> bytes:
     return (_SAMPLE.pack(s.row, len(s.input_ids)) + np.asarray(s.input_ids, dtype="<i4").tobytes()
             + np.asarray(s.loss_mask, dtype=np.uint8).tobytes())
@@ -294,21 +253,8 @@ def _sample_payload(s: Sample) -> bytes:
 # --------------------------------------------------------------------------- child
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this child when the parent dies, even where a process the
-    parent forked later still holds the pipes open."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
 def main() -> int:
-    _die_with_parent()
+    die_with_parent()
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print from a library goes to stderr, not into the frames
     # The parent loaded the same tokenizer and showed its warnings once already.
@@ -319,7 +265,7 @@ def main() -> int:
             return 0
         spec = json.loads(first)
         tokenizer = load_tokenizer(spec["tokenizer"], spec.get("class"))
-        _write_frame(out, b"R", json.dumps({"fingerprint": tokenizer_fingerprint(tokenizer)}).encode())
+        write_frame(out, b"R", json.dumps({"fingerprint": tokenizer_fingerprint(tokenizer)}).encode())
         line = sys.stdin.readline()
         if not line:
             return 0  # the parent finished without us
@@ -328,16 +274,16 @@ def main() -> int:
         for raw in iter_raw_rows(job.paths, start=job.start, keep=job.keeps):
             item = encode_row(raw, encoder)
             if isinstance(item, Sample):
-                _write_frame(out, b"S", _sample_payload(item))
+                write_frame(out, b"S", _sample_payload(item))
             else:
-                _write_frame(out, b"K", json.dumps(item.to_json()).encode())
-        _write_frame(out, b"E", b"")
+                write_frame(out, b"K", json.dumps(item.to_json()).encode())
+        write_frame(out, b"E", b"")
         return 0
     except BrokenPipeError:
         return 0  # the parent stopped reading: it is done or gone
     except BaseException as e:  # told to the parent, which raises it
         try:
-            _write_frame(out, b"X", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+            write_frame(out, b"X", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
         except OSError:
             pass
         return 1
