@@ -40,6 +40,14 @@ class FrameReader:
             self.buf += data
         return True
 
+    def buffered(self) -> bool:
+        """Whether a whole frame is already read (so :meth:`frame` will not block)."""
+        have = len(self.buf) - self.pos
+        if have < FRAME_HEADER.size:
+            return False
+        _, n = FRAME_HEADER.unpack_from(self.buf, self.pos)
+        return have >= FRAME_HEADER.size + n
+
     def frame(self) -> tuple[bytes, bytes]:
         """``(kind, payload)``; kind ``b""`` when the stream ended (the writer exited)."""
         if not self._fill(FRAME_HEADER.size):
