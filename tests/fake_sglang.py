@@ -167,9 +167,42 @@ class Decoder(nn.Module):
                 setattr(self.layers[c], "_is_layer_to_capture", True)  # never cleared
 
 
+def tp_all_gather(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """SGLang's ``tensor_model_parallel_all_gather`` over the fake's gloo world."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def init_tp_world(rank: int, world: int, port: int) -> None:
+    """What SGLang's distributed init does for a TP world, on the CPU: a gloo group on
+    loopback (rank 0 hosts it)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def destroy_tp_world() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class CausalLM(nn.Module):
     """An SGLang ``*ForCausalLM`` surface over transformers' Llama; subclasses set the
-    family's capture rules."""
+    family's capture rules. Under tensor parallelism (:meth:`shard_vocab`) the LM head and
+    the input embedding hold this rank's vocabulary rows, as SGLang's vocab-parallel
+    layers do; everything else is computed whole on every rank (the residual stream is
+    replicated in SGLang too)."""
 
     flag_based = False
     last_layer = False
@@ -188,6 +221,20 @@ class CausalLM(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
+
+    def shard_vocab(self, rank: int, world: int) -> None:
+        v = self.lm_head.weight.shape[0]
+        assert v % world == 0, "the fake pads no vocabulary"
+        rows = slice(rank * v // world, (rank + 1) * v // world)
+        head = nn.Linear(self.lm_head.in_features, v // world, bias=False)
+        head.weight = nn.Parameter(self.lm_head.weight.detach()[rows].clone(), requires_grad=False)
+        self.lm_head = head
+        emb = self.model.embed_tokens.weight.detach()
+        self.model.embed_tokens = nn.Embedding.from_pretrained(emb[rows].clone())
+        lp = self.logits_processor
+        lp.do_tensor_parallel_all_gather = True
+        if hasattr(lp, "_logits_gatherer"):
+            lp._logits_gatherer = tp_all_gather
 
     def indices_for(self, layer_ids: list[int]) -> list[int]:
         return [v + 1 for v in layer_ids]
@@ -332,7 +379,7 @@ def install(release: str) -> str:
     for name in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
         del sys.modules[name]
     ctx = types.SimpleNamespace(server_args=None, role=None, ranks=None, bootstrapped=False,
-                                torn_down=[], initialised=[], runners=[])
+                                torn_down=[], initialised=[], runners=[], tp=(0, 1))
 
     # -- ServerArgs --------------------------------------------------------------
     names = ["model_path", "dtype", "tp_size", "pp_size", "dp_size", "ep_size", "trust_remote_code",
@@ -450,6 +497,11 @@ def install(release: str) -> str:
 
     def init_parallel_runtime(*, server_args: Any, device: str, dist_port: int) -> None:
         assert ctx.server_args is server_args, "bootstrap before publish"
+        world = int(getattr(server_args, "tp_size", 1) or 1)
+        rank = int(getattr(ctx.ranks, "world_rank", 0) or 0)
+        assert world == 1 or ctx.ranks is not None, "a TP world needs each rank published"
+        init_tp_world(rank, world, dist_port)
+        ctx.tp = (rank, world)
         ctx.bootstrapped = True
 
     def init_layer_runtime(*, model_config: Any) -> None:
@@ -512,7 +564,10 @@ def install(release: str) -> str:
                 logits_metadata = LogitsMetadata.from_forward_batch(logits_metadata)
             self.calls.append("stock")
             last = torch.tensor(logits_metadata.extend_seq_lens_cpu).cumsum(0) - 1
-            logits = self._compute_lm_head(hidden_states[last], lm_head, None)[:, : self.vocab_size]
+            logits = self._compute_lm_head(hidden_states[last], lm_head, None)
+            if self.do_tensor_parallel_all_gather:
+                logits = tp_all_gather(logits)
+            logits = logits[:, : self.vocab_size]
             out = LogitsProcessorOutput(next_token_logits=logits.float())
             if logits_metadata.capture_hidden_mode.is_full():
                 if aux_hidden_states is not None:
@@ -676,6 +731,13 @@ def install(release: str) -> str:
                 if getattr(server_args, "_resolved", None) is None else server_args._resolved
             self.page_size = self.resolved["page_size"]
             self.gpu_id, self.nccl_port, self.device = gpu_id, nccl_port, "cpu"
+            if f["runner"] != "bootstrap":  # 0.5.9-0.5.20: the runner brings the world up
+                tp = getattr(self, "ps", None)
+                rank, world = ((tp.tp_rank, tp.tp_size) if tp is not None
+                               else (self.ranks["tp_rank"], self.ranks["tp_size"]))
+                assert world == getattr(server_args, "tp_size", 1), "ServerArgs.tp_size differs from the ranks"
+                init_tp_world(rank, world, nccl_port)
+                ctx.tp = (rank, world)
             self.req_to_token_pool = None
             self.attn_backend = self.eager_runner = None
             self.steps: list[str] = []
@@ -687,7 +749,10 @@ def install(release: str) -> str:
 
             hf = HFLlama.from_pretrained(self.server_args.model_path, dtype=torch.float32).eval()
             arch = (hf.config.architectures or ["LlamaForCausalLM"])[0]
-            return FAMILIES[arch](hf, LogitsProcessor, f)
+            model = FAMILIES[arch](hf, LogitsProcessor, f)
+            if ctx.tp[1] > 1:
+                model.shard_vocab(*ctx.tp)
+            return model
 
         def alloc_memory_pool(self) -> None:
             r = self.resolved
@@ -770,9 +835,14 @@ def install(release: str) -> str:
     m("srt.layers.quantization.fp8_utils", initialize_fp8_gemm_config=initializer("fp8"))
     m("srt.layers.quantization.fp4_utils", initialize_fp4_gemm_config=initializer("fp4"))
     m("srt.layers.quantization.unquant", initialize_bf16_gemm_config=initializer("bf16"))
-    m("srt.distributed")
+    def destroy_model_parallel() -> None:
+        ctx.torn_down.append("model_parallel")
+        destroy_tp_world()
+        ctx.tp = (0, 1)
+
+    m("srt.distributed", tensor_model_parallel_all_gather=tp_all_gather)
     m("srt.distributed.parallel_state",
-      destroy_model_parallel=lambda: ctx.torn_down.append("model_parallel"),
+      destroy_model_parallel=destroy_model_parallel,
       destroy_distributed_environment=lambda: ctx.torn_down.append("distributed_environment"))
     if f["ps"]:
         m("srt.distributed.parallel_state_wrapper", ParallelState=ParallelState)

@@ -346,7 +346,8 @@ def test_build_configures_server_args_and_a_world_of_one(fake_api, tiny_path):
 
 
 @pytest.mark.parametrize("kwargs, exc, msg", [
-    (dict(tp_size=2), ValueError, "tp_size=2"),
+    (dict(tp_size=2), ValueError, "tp_size 2 needs GPUs 0..1 but only 1 CUDA device"),
+    (dict(tp_size=0), ValueError, "tp_size must be a positive int"),
     (dict(device="cpu"), ValueError, "CUDA only"),
     (dict(dtype=torch.int32), ValueError, "unsupported dtype"),
     (dict(max_batch_tokens=0), ValueError, "max_batch_tokens"),

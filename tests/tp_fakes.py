@@ -35,3 +35,20 @@ def echo_runner(*, rank: int, world: int, build_fail: str | None = None, **kw) -
     if build_fail:
         raise RuntimeError(build_fail)
     return EchoRunner(rank, world, **kw)
+
+
+FAKE_RELEASE_ENV = "EAGLE3_TEST_FAKE_SGLANG"
+
+
+def fake_sglang_rank(*, rank: int, world: int, **rank_kwargs):
+    """A worker's rank of the SGLang engine over the fake release named in
+    ``$EAGLE3_TEST_FAKE_SGLANG`` (what ``sglang_helpers.use_fake`` wires in the test process)."""
+    import fake_sglang
+    from eagle3_target.engines import sglang as sg
+
+    pkg = fake_sglang.install(os.environ[FAKE_RELEASE_ENV])
+    real = sg._load_api
+    sg._load_api = lambda: real(pkg)
+    sg._cuda_device_count = lambda: world
+    sg._set_device = lambda i: None
+    return sg.build_rank(rank=rank, world=world, **rank_kwargs)

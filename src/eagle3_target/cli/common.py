@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from eagle3_target.engines import ENGINES
 
-__all__ = ["add_model_args", "parse_aux_layers", "parse_engine_args", "load_target"]
+__all__ = ["add_model_args", "parse_aux_layers", "parse_engine_args", "engine_options", "load_target"]
 
 
 def add_model_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None:
@@ -24,6 +24,8 @@ def add_model_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None:
     p.add_argument("--aux-layers", default=None,
                    help="three comma-separated decoder layer ids (default: 1,N/2-1,N-4)")
     if engine:
+        p.add_argument("--tp-size", type=int, default=1,
+                       help="tensor-parallel ranks, one GPU each (--engine sglang; default 1)")
         p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="engine option passed to the engine's build(), e.g. "
                             "attention_backend=triton (repeatable; VALUE parsed as JSON when it parses)")
@@ -54,9 +56,20 @@ def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What the model flags give the engine's ``build()``: ``--engine-arg`` options and
+    ``--tp-size`` (when above 1)."""
+    out = parse_engine_args(getattr(args, "engine_arg", None) or [])
+    tp = getattr(args, "tp_size", 1)
+    if tp != 1:
+        out["tp_size"] = tp
+    return out
+
+
 def load_target(args: argparse.Namespace, **engine_kwargs: Any):
     """Builds an :class:`~eagle3_target.Eagle3TargetModel` from the shared model args;
-    ``--engine-arg`` options, then ``engine_kwargs`` (which win), go to the engine."""
+    the engine options (:func:`engine_options`), then ``engine_kwargs`` (which win), go
+    to the engine."""
     from eagle3_target import Eagle3TargetModel
     from eagle3_target.engines.common import quiet_transformers
     from eagle3_target.tiny import resolve_model
@@ -69,5 +82,5 @@ def load_target(args: argparse.Namespace, **engine_kwargs: Any):
         dtype=args.dtype,
         aux_layer_ids=parse_aux_layers(args.aux_layers),
         aux_ids_name="--aux-layers",
-        **{**parse_engine_args(getattr(args, "engine_arg", None) or []), **engine_kwargs},
+        **{**engine_options(args), **engine_kwargs},
     )

@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from eagle3_target.cli.common import add_model_args, parse_aux_layers, parse_engine_args
+from eagle3_target.cli.common import add_model_args, engine_options, parse_aux_layers
 from eagle3_target.dump.config import RENDER_CHOICES, DumpConfig, default
 from eagle3_target.dump.modes import MODES
 
@@ -25,7 +25,7 @@ def config_from_args(args: argparse.Namespace) -> DumpConfig:
         engine=args.engine, server=[u for u in args.server.split(",") if u] if args.server else None,
         tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         aux_layer_ids=parse_aux_layers(args.aux_layers),
-        engine_args=parse_engine_args(args.engine_arg), vocab=args.vocab,
+        engine_args=engine_options(args), vocab=args.vocab,
         max_length=args.max_length or None, mask_reasoning=args.mask_reasoning,
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,

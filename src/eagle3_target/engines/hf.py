@@ -202,8 +202,10 @@ def build(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    tp_size: int = 1,
 ) -> HFTargetRunner:
-    """Loads ``model_path`` (local directory; nothing is downloaded).
+    """Loads ``model_path`` (local directory; nothing is downloaded). One device:
+    ``tp_size`` above 1 is refused (the SGLang engine shards a model over GPUs).
 
     ``device`` defaults to CUDA when present; ``dtype`` to bf16 on CUDA, fp32 on CPU;
     ``attn_implementation`` to one the architecture supports
@@ -212,6 +214,9 @@ def build(
     """
     from transformers import AutoModelForCausalLM
 
+    if tp_size != 1:
+        raise ValueError(f"tp_size={tp_size}: the transformers engine runs a model on one device; "
+                         f"tensor parallelism is the SGLang engine's (--engine sglang --tp-size N)")
     if attn_implementation is None:
         attn_implementation = default_attn_implementation(model_path, trust_remote_code)
 

@@ -55,11 +55,12 @@ from torch import nn
 from eagle3_target.contract import LMHead, validate_aux_layer_ids
 from eagle3_target.engines.common import parse_dtype, text_config
 from eagle3_target.engines.packing import plan_extends, row_spans, scatter_rows
+from eagle3_target.engines.tp import TPGroup, TPWorkerError, WorkerSpec
 
 __all__ = ["SGLangTargetRunner", "SGLangUnavailableError", "build", "sglang_dtype_str", "MODES",
            "Eagle3LogitsProcessor", "full_logits", "wrap_logits_processors",
            "CAPTURE_TABLE", "Capture", "capture_rule", "SUPPORTED_SGLANG", "check_sglang_version",
-           "ANY_VERSION_ENV", "unpack_aux"]
+           "ANY_VERSION_ENV", "unpack_aux", "build_rank", "WORKER_BUILDER", "TPWorkerError"]
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +487,7 @@ class SGLangTargetRunner:
     """
 
     def __init__(self, model_runner: Any, api: Any, *, max_batch_tokens: int, max_batch_rows: int,
-                 official_capture: bool = False):
+                 official_capture: bool = False, tp_size: int = 1):
         self._mr = model_runner
         self._api = api
         self.model: Any = model_runner.model
@@ -522,6 +523,26 @@ class SGLangTargetRunner:
         self._aux_ids: list[int] | None = None
         self._sampling = None
         self.extends = 0  # extend forwards run so far (tests and benchmarks read it)
+        self._group: TPGroup | None = None  # ranks 1..N-1 when this is rank 0 of a TP world
+        self._tp_size = tp_size
+        self._broken: str | None = None
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks of this runner's tensor-parallel world (1: no tensor parallelism)."""
+        return self._tp_size
+
+    @property
+    def tp_worker_pids(self) -> list[int]:
+        """The worker processes running ranks 1.. (empty for a world of one)."""
+        return [] if self._group is None else self._group.pids
+
+    def attach_group(self, group: TPGroup) -> None:
+        """Makes this runner rank 0 of a tensor-parallel world whose other ranks ``group``
+        runs: every forward, capture setting and weight gather is mirrored to them."""
+        if group.world != self._tp_size:
+            raise ValueError(f"a group of {group.world} ranks for a runner built for {self._tp_size}")
+        self._group = group
 
     # -- TargetRunner ---------------------------------------------------------------
     def set_aux_layers(self, ids: Sequence[int]) -> None:
@@ -553,6 +574,8 @@ class SGLangTargetRunner:
         for w in self._wrappers:
             w.aux_order = order
         self._aux_ids = ids
+        if self._group is not None:
+            self._on_all_ranks(lambda g: g.set_aux_layers(ids), lambda: None, lambda g: None)
 
     def forward_eagle3(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -575,29 +598,63 @@ class SGLangTargetRunner:
         return out["prenorm"], out["aux"]
 
     def input_embedding_weight(self) -> torch.Tensor:
-        """``[V,H]``, without the rows SGLang pads the vocabulary with."""
+        """``[V,H]``, without the rows SGLang pads the vocabulary with (gathered over the
+        ranks' vocabulary shards under tensor parallelism)."""
         self._check_open()
-        return self.model.get_input_embeddings().weight.detach()[: self.vocab_size]
+        return self._full_rows("embeddings")
+
+    def _local_rows(self, what: str) -> torch.Tensor | None:
+        if what == "embeddings":
+            return self.model.get_input_embeddings().weight.detach()
+        head = getattr(self.model, "lm_head", None)
+        if what == "lm_head":
+            return getattr(head, "weight", None)
+        bias = getattr(head, "bias", None)  # "lm_head_bias"
+        return None if bias is None else bias.detach()
+
+    def gather_weight(self, what: str) -> torch.Tensor | None:
+        """This rank's shard of ``what`` (``embeddings``, ``lm_head``, ``lm_head_bias``)
+        gathered over the tensor-parallel ranks (a collective every rank joins; the
+        workers run it when rank 0 asks), vocabulary padding cut off."""
+        local = self._local_rows(what)
+        if local is None:
+            return None
+        local = local.detach()
+        if self._tp_size > 1:
+            if self._api.tp_all_gather is None:
+                raise SGLangUnavailableError(f"sglang {self._api.version} has no "
+                                             f"tensor_model_parallel_all_gather to gather {what} with")
+            local = self._api.tp_all_gather(local.contiguous(), 0)
+        return local[: self.vocab_size]
+
+    def _full_rows(self, what: str) -> torch.Tensor | None:
+        if self._group is None:
+            return self.gather_weight(what)
+        return self._on_all_ranks(lambda g: g.start_call(b"G", {"what": what}),
+                                  lambda: self.gather_weight(what), lambda g: g.finish_call())
 
     def lm_head(self) -> LMHead:
         self._check_open()
-        head = getattr(self.model, "lm_head", None)
-        weight = getattr(head, "weight", None)
+        weight = self._local_rows("lm_head")
         if weight is None or not weight.dtype.is_floating_point:
             raise NotImplementedError(f"{type(self.model).__name__}'s LM head is not a plain "
                                       f"floating-point weight (quantized?): use logits mode")
         lp = self._wrappers[0].inner
-        bias = getattr(head, "bias", None)
+        bias = self._full_rows("lm_head_bias")
         cap = getattr(lp, "final_logit_softcapping", None)
         return LMHead(
-            weight=weight.detach()[: self.vocab_size],
-            bias=None if bias is None else bias.detach()[: self.vocab_size],
+            weight=self._full_rows("lm_head"),
+            bias=bias,
             scale=float(lp.logit_scale) if lp.logit_scale is not None else 1.0,
             softcap=float(cap) if cap else None,
         )
 
     def close(self) -> None:
-        """Frees the model, its pools and SGLang's process group. Idempotent."""
+        """Frees the model, its pools and SGLang's process group, and stops the other
+        tensor-parallel ranks. Idempotent."""
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         mr, self._mr = self._mr, None
         if mr is None:
             return
@@ -627,6 +684,9 @@ class SGLangTargetRunner:
     def _check_open(self) -> None:
         if self._mr is None:
             raise RuntimeError("this SGLang target runner is closed")
+        if self._broken is not None:
+            raise TPWorkerError(f"this tensor-parallel runner stopped: {self._broken}; close it "
+                                f"and build a new one")
 
     @staticmethod
     def _clear_pools(mr: Any) -> None:
@@ -705,7 +765,40 @@ class SGLangTargetRunner:
         return norm.register_forward_hook(hook, with_kwargs=True)
 
     def _extend(self, rows: list[list[int]], mode: str) -> _Captured | None:
-        """One ragged extend over ``rows`` (token-id lists); packed outputs."""
+        """One ragged extend over ``rows`` (token-id lists), on every tensor-parallel rank;
+        packed outputs (rank 0's)."""
+        if self._group is None:
+            return self._extend_local(rows, mode)
+        return self._on_all_ranks(lambda g: g.start_forward(mode, rows),
+                                  lambda: self._extend_local(rows, mode),
+                                  lambda g: g.finish_forward(rows))
+
+    def _on_all_ranks(self, start: Any, local: Any, finish: Any) -> Any:
+        """``start(group)``, rank 0's ``local()`` while the workers run theirs, then
+        ``finish(group)``. A failure on any rank stops the world (the collectives' state is
+        unknown after it): the workers are stopped and every later call says why."""
+        g = self._group
+        assert g is not None
+        try:
+            start(g)
+            out = local()
+            finish(g)
+            return out
+        except BaseException as e:
+            why = g.failure or f"rank 0 raised {type(e).__name__}: {e}"
+            self._broken = why
+            g.close(timeout=10)
+            self._group = None
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise TPWorkerError(why) from e
+
+    def forward_rows(self, rows: list[list[int]], mode: str) -> None:
+        """A worker rank's part of a forward rank 0 runs (the outputs stay with rank 0)."""
+        self._check_open()
+        self._extend(rows, mode)
+
+    def _extend_local(self, rows: list[list[int]], mode: str) -> _Captured | None:
         api, mr = self._api, self._mr
         if self._sampling is None:
             self._sampling = api.SamplingParams(temperature=0, max_new_tokens=1)
@@ -860,15 +953,18 @@ def _gpu_index(device: str | torch.device | None, gpu_id: int) -> int:
     return int(gpu_id) if d.index is None else d.index
 
 
-def _parallel_state(api: Any, view: Any, gpu_id: int) -> Any:
-    """A world of one: ``ParallelState.trivial`` where it exists (0.5.16+), else the
-    sizes the scheduler would derive at tp=1 (the fields differ by release)."""
+def _parallel_state(api: Any, view: Any, gpu_id: int, rank: int = 0, world: int = 1) -> Any:
+    """Rank ``rank`` of a tensor-parallel world of ``world`` (no data, pipeline or expert
+    parallelism; attention is tensor-parallel as the scheduler sets it without DP
+    attention): ``ParallelState.trivial`` where it exists (0.5.16+), else the sizes the
+    scheduler would derive (the fields differ by release)."""
+    tp = dict(tp_rank=rank, tp_size=world, attn_tp_rank=rank, attn_tp_size=world)
     trivial = getattr(api.ParallelState, "trivial", None)
     if trivial is not None:
-        return trivial(gpu_id=gpu_id)
+        return trivial(gpu_id=gpu_id, **tp)
     values = dict(
-        tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, dp_rank=None, dp_size=getattr(view, "dp_size", 1),
-        attn_tp_rank=0, attn_tp_size=1, attn_cp_rank=0, attn_cp_size=getattr(view, "attn_cp_size", 1),
+        **tp, pp_rank=0, pp_size=1, dp_rank=None, dp_size=getattr(view, "dp_size", 1),
+        attn_cp_rank=0, attn_cp_size=getattr(view, "attn_cp_size", 1),
         attn_dcp_rank=0, attn_dcp_size=1, attn_dp_rank=0, attn_dp_size=1, moe_ep_rank=0,
         moe_ep_size=getattr(view, "ep_size", 1), moe_dp_rank=None, moe_dp_size=getattr(view, "moe_dp_size", 1),
         dcp_size=getattr(view, "dcp_size", 1), gpu_id=gpu_id,
@@ -877,7 +973,7 @@ def _parallel_state(api: Any, view: Any, gpu_id: int) -> Any:
     return api.ParallelState(**{k: v for k, v in values.items() if k in fields})
 
 
-def _publish(api: Any, server_args: Any, gpu_id: int) -> None:
+def _publish(api: Any, server_args: Any, gpu_id: int, rank: int = 0) -> None:
     """Resolve and publish the config where the release has a process-wide context
     (0.5.17+; its ``ModelRunner`` checks it from 0.5.19)."""
     if hasattr(server_args, "resolve_once"):  # 0.5.19+: resolution left to the process entry
@@ -886,7 +982,7 @@ def _publish(api: Any, server_args: Any, gpu_id: int) -> None:
         return
     kw: dict[str, Any] = {"role": "scheduler"}
     if api.SpawnRanks is not None and "ranks" in inspect.signature(api.publish).parameters:
-        kw["ranks"] = api.SpawnRanks(world_rank=0, gpu_id=gpu_id)  # 0.5.21+
+        kw["ranks"] = api.SpawnRanks(world_rank=rank, gpu_id=gpu_id)  # 0.5.21+
     api.publish(server_args, **kw)
 
 
@@ -900,8 +996,8 @@ def _initialise_configs(api: Any, server_args: Any) -> None:
             init()
 
 
-def _make_model_runner(api: Any, server_args: Any, view: Any, model_config: Any, gpu_id: int) -> Any:
-    port = _free_port()
+def _make_model_runner(api: Any, server_args: Any, view: Any, model_config: Any, gpu_id: int,
+                       port: int, rank: int = 0, world: int = 1) -> Any:
     if api.init_parallel_runtime is not None:  # 0.5.21+: groups come up before the runner
         api.init_parallel_runtime(server_args=server_args, device="cuda", dist_port=port)
         api.init_layer_runtime(model_config=model_config)
@@ -909,9 +1005,9 @@ def _make_model_runner(api: Any, server_args: Any, view: Any, model_config: Any,
     kw: dict[str, Any] = dict(model_config=model_config, mem_fraction_static=view.mem_fraction_static,
                               gpu_id=gpu_id, nccl_port=port, server_args=server_args)
     if "ps" in params:  # 0.5.16-0.5.20: one ParallelState instead of rank arguments
-        kw["ps"] = _parallel_state(api, view, gpu_id)
+        kw["ps"] = _parallel_state(api, view, gpu_id, rank, world)
     elif "tp_rank" in params:  # 0.5.9-0.5.12
-        kw.update(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, moe_ep_rank=0, moe_ep_size=1)
+        kw.update(tp_rank=rank, tp_size=world, pp_rank=0, pp_size=1, moe_ep_rank=0, moe_ep_size=1)
     mr = api.ModelRunner(**{k: v for k, v in kw.items() if k in params})
     # 0.5.16+ builds pools, attention backends and the (eager) graph runner in separate steps
     if getattr(mr, "req_to_token_pool", None) is None and hasattr(mr, "alloc_memory_pool"):
@@ -940,12 +1036,13 @@ def build(
     ``max_batch_tokens``/``max_batch_rows`` size the KV pool (``max_total_tokens``,
     ``max_running_requests``) for the largest extend; a bigger batch runs as several
     extends. ``sglang_kwargs`` go to ``ServerArgs`` (``attention_backend``, ``page_size``,
-    ``mem_fraction_static``, ``max_total_tokens``, ...). ``tp_size`` must be 1: tensor
-    parallelism needs one process per rank, which this in-process runner does not launch.
+    ``mem_fraction_static``, ``max_total_tokens``, ...). ``tp_size`` > 1 shards the model
+    over GPUs ``gpu_id .. gpu_id + tp_size - 1``: this process is rank 0 and returns the
+    tensors; ranks 1.. run in worker processes (:mod:`eagle3_target.engines.tp`) that SGLang's
+    own distributed init joins on a loopback port.
     """
-    if tp_size != 1:
-        raise ValueError(f"tp_size={tp_size}: the in-process SGLang runner is a world of one "
-                         f"(tp_size=1); run one runner per GPU instead")
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
     gpu_id = _gpu_index(device, gpu_id)
     dtype_str = sglang_dtype_str(parse_dtype(dtype))
     for name, v in (("max_batch_tokens", max_batch_tokens), ("max_batch_rows", max_batch_rows)):
@@ -964,11 +1061,40 @@ def build(
     if n_gpus == 0:
         raise SGLangUnavailableError("the SGLang engine needs a CUDA GPU and torch.cuda.is_available() "
                                      "is False; use engine='hf' here")
-    if gpu_id >= n_gpus:
-        raise ValueError(f"gpu_id {gpu_id} but only {n_gpus} CUDA device(s)")
+    if gpu_id + tp_size > n_gpus:
+        raise ValueError(f"gpu_id {gpu_id} with tp_size {tp_size} needs GPUs {gpu_id}..{gpu_id + tp_size - 1} "
+                         f"but only {n_gpus} CUDA device(s) are visible")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process; the SGLang "
-                           "engine brings up its own world of one: build it in a separate process")
+                           "engine brings up its own world: build it in a separate process")
+    rank_kwargs: dict[str, Any] = dict(
+        model_path=model_path, dtype=dtype_str, gpu_id=gpu_id, dist_port=_free_port(),
+        trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens,
+        max_batch_rows=max_batch_rows, sglang_kwargs=sglang_kwargs)
+    if tp_size == 1:
+        return build_rank(rank=0, world=1, **rank_kwargs)
+    # The distributed init is a rendezvous of every rank: start the workers first, then
+    # build rank 0 here while they build theirs.
+    group = TPGroup(tp_size, WorkerSpec(WORKER_BUILDER, rank_kwargs), on_failure=_abort_collectives)
+    try:
+        runner = build_rank(rank=0, world=tp_size, **rank_kwargs)
+        group.wait_ready()
+        runner.attach_group(group)
+        return runner
+    except BaseException as e:
+        failure = group.failure
+        group.close(timeout=10)
+        if failure is not None and not isinstance(e, TPWorkerError):
+            raise TPWorkerError(failure) from e
+        raise
+
+
+def build_rank(*, rank: int, world: int, model_path: str, dtype: str, gpu_id: int, dist_port: int,
+               trust_remote_code: bool, max_batch_tokens: int, max_batch_rows: int,
+               sglang_kwargs: dict[str, Any]) -> SGLangTargetRunner:
+    """One rank of the runner :func:`build` makes (``world`` == 1: the whole runner), on
+    GPU ``gpu_id + rank``; the tensor-parallel workers call it with their rank."""
+    gpu = gpu_id + rank
     api = _load_api()
     known = _server_arg_fields(api.ServerArgs)
     unknown = sorted(set(sglang_kwargs) - known)
@@ -980,22 +1106,22 @@ def build(
         max_running_requests=max_batch_rows,
     )
     args.update(sglang_kwargs)
-    args.update(model_path=model_path, dtype=dtype_str, tp_size=1, trust_remote_code=trust_remote_code,
+    args.update(model_path=model_path, dtype=dtype, tp_size=world, trust_remote_code=trust_remote_code,
                 skip_tokenizer_init=True, enable_return_hidden_states=True,
                 disable_cuda_graph=True, disable_radix_cache=True)
     official = "enable_return_aux_hidden_states" in known  # 0.5.23: SGLang's own capture switch
     if official:
         args.update(enable_return_aux_hidden_states=True, speculative_algorithm="EAGLE3")
-    _set_device(gpu_id)
+    _set_device(gpu)
     server_args = api.ServerArgs(**args)
-    _publish(api, server_args, gpu_id)
+    _publish(api, server_args, gpu, rank)
     _initialise_configs(api, server_args)
     view = api.resolving_view(server_args) if api.resolving_view is not None else server_args
     model_config = api.ModelConfig.from_server_args(server_args)
     try:
-        mr = _make_model_runner(api, server_args, view, model_config, gpu_id)
+        mr = _make_model_runner(api, server_args, view, model_config, gpu, dist_port, rank, world)
         return SGLangTargetRunner(mr, api, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows,
-                                  official_capture=official)
+                                  official_capture=official, tp_size=world)
     except BaseException:
         for fn in api.teardown:
             try:
@@ -1003,3 +1129,17 @@ def build(
             except Exception as e:  # the first error is the one to report
                 log.warning("SGLang teardown after a failed build: %s", e)
         raise
+
+
+WORKER_BUILDER = "eagle3_target.engines.sglang:build_rank"
+"""What each tensor-parallel worker builds its rank with (``module:function``); the CPU
+tests point it at a builder of the fake SGLang."""
+
+
+def _abort_collectives(why: str) -> None:
+    """Called when a tensor-parallel worker dies: aborts this process's communicators,
+    so a collective rank 0 waits in returns with an error instead of hanging."""
+    abort = getattr(torch.distributed.distributed_c10d, "_abort_process_group", None)
+    if abort is not None and torch.distributed.is_initialized():
+        log.error("%s: aborting the collectives", why)
+        abort()

@@ -7,6 +7,8 @@ to reach the workers. It goes over each worker's stdin as frames
 (:mod:`eagle3_target.wire.frames`), no pickles:
 
 - ``A`` set the aux layers: JSON ``{"ids": [...]}``;
+- ``G`` gather a weight over the ranks' vocabulary shards (a collective): JSON
+  ``{"what": "embeddings" | "lm_head" | "lm_head_bias"}``;
 - ``F`` forward: ``u32 header length | JSON {"mode", "lengths"} | int64 token ids`` (the
   rows' real tokens back to back);
 - ``Q`` quit: close the runner and exit 0.
@@ -207,10 +209,18 @@ class TPGroup:
                            + (f"; its last output:\n{w.tail()}" if w.tail() else ""))
                 self._check()
 
-    def set_aux_layers(self, ids: Sequence[int]) -> None:
-        self._send(b"A", json.dumps({"ids": [int(i) for i in ids]}).encode())
+    def start_call(self, kind: bytes, body: dict[str, Any]) -> None:
+        """Sends ``kind`` with a JSON ``body`` to every worker (``A``, ``G``)."""
+        self._send(kind, json.dumps(body).encode())
+
+    def finish_call(self) -> None:
+        """Waits for every worker's ``D`` to the last :meth:`start_call`."""
         for w in self._workers:
             self._answer(w, b"D")
+
+    def set_aux_layers(self, ids: Sequence[int]) -> None:
+        self.start_call(b"A", {"ids": [int(i) for i in ids]})
+        self.finish_call()
 
     def start_forward(self, mode: str, rows: Sequence[Sequence[int]]) -> None:
         """Hands ``rows`` to every worker; call before rank 0's own forward of them."""

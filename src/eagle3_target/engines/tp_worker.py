@@ -31,9 +31,11 @@ def load_builder(spec: str) -> Any:
 
 
 def main() -> int:
+    from eagle3_target.engines.common import quiet_transformers
     from eagle3_target.engines.tp import rows_digest, unpack_forward
 
     die_with_parent()
+    quiet_transformers()  # rank 0 already shows the loader's messages once
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a library's print goes to stderr, not into the frames
     runner = None
@@ -49,6 +51,9 @@ def main() -> int:
                 break
             if kind == b"A":
                 runner.set_aux_layers(json.loads(payload)["ids"])
+                write_frame(out, b"D", b"{}")
+            elif kind == b"G":
+                runner.gather_weight(json.loads(payload)["what"])
                 write_frame(out, b"D", b"{}")
             elif kind == b"F":
                 mode, rows = unpack_forward(payload)
