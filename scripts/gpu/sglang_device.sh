@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b validate-families bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b validate-families validate-tp bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -67,6 +67,19 @@ for stage in "$@"; do
         ${VALIDATE_ARGS:-}
       cp "$OUT/families/summary.json" "$OUT/families-summary.json" 2>/dev/null
       tar czf "$OUT/families.tgz" -C "$OUT" families && rm -rf "$OUT/families" ;;
+    validate-tp)
+      # Needs TP_SIZE (2) GPUs: TP=N against TP=1 and fp32 on the peaked tiny model and the
+      # 8B shape, with speed on 8 x 2048; TP_LARGE=1 adds the Llama-3-70B shape (random
+      # weights filled on the GPUs), which only TP=N can hold.
+      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+      step 240 python3 "$S/validate_tp.py" --model /tmp/tiny-peaked --tp ${TP_SIZE:-2} --out "$OUT/tp_tiny.json"
+      chat_target_8b
+      step 420 python3 "$S/validate_tp.py" --model /tmp/llama8b --tp ${TP_SIZE:-2} --lengths 2048,1000,517,300 \
+        --bench-batch 8 --bench-seq 2048 --out "$OUT/tp_8b.json"
+      if [ -n "${TP_LARGE:-}" ]; then
+        step 560 python3 "$S/validate_tp.py" --model /tmp/llama70b-config --dummy-70b --tp ${TP_SIZE:-2} \
+          --bench-batch 8 --bench-seq 2048 --out "$OUT/tp_large.json"
+      fi ;;
     validate-8b)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 420 python3 "$S/validate_sglang.py" --name llama3-8b --model /tmp/llama8b \
