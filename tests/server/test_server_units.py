@@ -14,7 +14,7 @@ from eagle3_target.server.auth import token_matches
 from eagle3_target.server.run import check_bind, is_loopback, read_token
 from eagle3_target.server.worker import EngineWorker, Job
 from eagle3_target.server.outputs import postprocess
-from eagle3_target.wire.v1 import ApiError, check_inputs, parse_supervision_params
+from eagle3_target.wire.v1 import MODES, NEMO_GENERATE, ApiError, check_inputs, parse_supervision_params
 from eagle3_target.vocab import VocabMapping, compute_target_distribution
 from server_helpers import make_inputs
 
@@ -245,3 +245,17 @@ def test_engine_args_pass_through_as_json_values():
         "cfg": {"a": 1}}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         _parse_engine_args(["novalue"])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES) + [NEMO_GENERATE.name])
+def test_each_mode_answers_exactly_the_tensors_its_table_row_lists(mode):
+    # One table for both ends: the server's outputs are what the client checks for.
+    v, h, b, s = 11, 4, 2, 5
+    ids = torch.arange(b * s).reshape(b, s) % v
+    mask = torch.ones(b, s, dtype=torch.int64)
+    spec = NEMO_GENERATE if mode == NEMO_GENERATE.name else MODES[mode]
+    job = Job(mode=mode, input_ids=ids, attention_mask=mask, loss_mask=mask,
+              mapping=VocabMapping.from_ids(torch.tensor([0, 3, 5]), v), k=2 if spec.needs_k else None)
+    out = torch.randn(b, s, h if spec.forward == "hidden" else v)
+    res = postprocess(job, out, torch.randn(b, s, 3 * h))
+    assert tuple(res) == spec.outputs
