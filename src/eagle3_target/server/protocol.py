@@ -36,11 +36,14 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HttpLimits", "GuardedProtocol", "guarded_protocol"]
+if TYPE_CHECKING:
+    from eagle3_target.server.settings import ServerSettings
+
+__all__ = ["HttpLimits", "GuardedProtocol", "guarded_protocol", "limits_from"]
 
 
 @dataclass(frozen=True)
@@ -263,3 +266,10 @@ class GuardedProtocol(HttpToolsProtocol):
 def guarded_protocol(limits: HttpLimits) -> type[GuardedProtocol]:
     """The protocol class uvicorn builds connections from (``Config(http=...)``)."""
     return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+
+
+def limits_from(s: "ServerSettings") -> HttpLimits:
+    """The connection bounds of a server's settings."""
+    return HttpLimits(max_header_bytes=s.max_header_bytes, max_headers=s.max_headers,
+                      header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
+                      send_timeout_s=s.send_timeout_s, shutdown_s=s.shutdown_timeout_s)

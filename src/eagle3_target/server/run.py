@@ -103,7 +103,7 @@ def run_server(loader: Callable[[], Any], settings: "ServerSettings") -> int:
 
     from eagle3_target.server.app import create_app
     from eagle3_target.server.metrics import ServerMetrics
-    from eagle3_target.server.protocol import HttpLimits, guarded_protocol
+    from eagle3_target.server.protocol import guarded_protocol, limits_from
     from eagle3_target.server.worker import EngineWorker
 
     s = settings
@@ -146,10 +146,7 @@ def run_server(loader: Callable[[], Any], settings: "ServerSettings") -> int:
             server.should_exit = True
 
     app = create_app(s, worker, metrics, request_shutdown=request_shutdown)
-    protocol = guarded_protocol(HttpLimits(
-        max_header_bytes=s.max_header_bytes, max_headers=s.max_headers,
-        header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
-        send_timeout_s=s.send_timeout_s, shutdown_s=s.shutdown_timeout_s))
+    protocol = guarded_protocol(limits_from(s))
     # The protocol bounds what clients may still take at shutdown (shutdown_timeout_s);
     # uvicorn's limit, which cancels the handlers, bounds what the engine may still take.
     config = uvicorn.Config(app, log_level=s.log_level, access_log=False, lifespan="on",
