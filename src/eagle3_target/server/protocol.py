@@ -180,12 +180,10 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._timer is not None and not self._in_head:
             self._disarm()
+        # What comes next is the next request's head, even when this request was
+        # answered before its body ended (a 422 on its query): its body is no head.
+        self._in_head, self._head_bytes = True, 0
         super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        self._in_head = True
-        self._head_bytes = 0
-        super().on_response_complete()
 
     def _has_body(self) -> bool:
         for name, value in self.headers:
