@@ -135,8 +135,11 @@ for stage in "$@"; do
       step 240 python3 "$S/check_client_cuda.py" /tmp/tiny-peaked | tee "$OUT/check_client.txt"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-transport)
-      # One 268 MB answer over loopback: the old and new send and read paths.
-      step 300 python3 "$REPO/bench/bench_transport.py" | tee "$OUT/bench_transport.txt" ;;
+      # One 268 MB answer over loopback: the old and new send and read paths, under
+      # uvicorn's httptools as shipped and under the guarded protocol serve runs.
+      step 300 python3 "$REPO/bench/bench_transport.py" | tee "$OUT/bench_transport.txt"
+      step 300 python3 "$REPO/bench/bench_transport.py" --http guarded \
+        | tee "$OUT/bench_transport_guarded.txt" ;;
     diag-io)
       # The I/O ceilings of this host: disk, sha256, memcpy, device-to-host, loopback HTTP.
       step 300 python3 "$S/diag_io.py" --dir /tmp --mb 4096 --http-mb 256 | tee "$OUT/diag_io.txt" ;;
