@@ -8,6 +8,7 @@
 - :mod:`.worker` - the batching worker thread that owns the engine;
 - :mod:`.outputs` - what each mode answers, from the engine's output;
 - :mod:`.metrics` - Prometheus metrics;
+- :mod:`.protocol` - the HTTP/1.1 connection and its bounds (headers, deadlines, stalls);
 - :mod:`.run` - bind safety, the token, the process lifecycle (:func:`~.run.run_server`);
 - :mod:`.process` - start/stop a server subprocess (the demo, benchmarks, tests).
 

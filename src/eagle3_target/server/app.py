@@ -8,9 +8,11 @@ routes of :mod:`.routes_v1` and :mod:`.routes_nemo`, and the :class:`~.auth.Guar
 around it all.
 
 Status codes: 400 malformed body, 401 auth, 404 unknown path, 405 wrong method,
-409 NeMo ``/generate`` before ``/set_vocab_mapping``, 413 body or token cap, 415 wrong
-content type, 422 invalid field or parameter, 501 capability the engine lacks,
-503 loading / out of memory (with ``Retry-After``), 500 engine error.
+408 headers too slow and 431 headers too large (from the connection, :mod:`.protocol`),
+409 NeMo ``/generate`` before ``/set_vocab_mapping`` or a second NeMo mapping, 413 body,
+token or context cap, 415 wrong content type, 422 invalid field or parameter, 501
+capability the engine lacks, 503 loading / stopping / out of memory (with
+``Retry-After``), 500 engine error.
 """
 
 from __future__ import annotations
