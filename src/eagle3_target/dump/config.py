@@ -16,7 +16,7 @@ from eagle3_target.data.chat import MAX_LENGTH
 from eagle3_target.data.rows import sample_data_path, worker_owns
 from eagle3_target.dump.modes import MODES
 
-__all__ = ["DumpConfig", "RENDER_CHOICES", "default", "pin_threads_ok"]
+__all__ = ["DumpConfig", "RENDER_CHOICES", "default", "pin_threads_ok", "worker_tag", "shard_file_name"]
 
 
 RENDER_CHOICES = ("auto", "thread", "process")
@@ -123,17 +123,28 @@ class DumpConfig:
     @property
     def worker_tag(self) -> str:
         """``-iiiii-of-KKKKK`` in this worker's file names (empty for a single worker)."""
-        return "" if self.num_shards == 1 else f"-{self.shard_index:05d}-of-{self.num_shards:05d}"
+        return worker_tag(self.num_shards, self.shard_index)
 
     def manifest_path(self) -> Path:
         return Path(self.out) / f"manifest{self.worker_tag}.json"
 
     def shard_name(self, j: int) -> str:
-        return f"shard{self.worker_tag}-{j:05d}.safetensors"
+        return shard_file_name(self.num_shards, self.shard_index, j)
 
     def owns(self, row: int) -> bool:
         """Whether data row ``row`` is this worker's."""
         return worker_owns(row, self.num_shards, self.shard_index)
+
+
+def worker_tag(num_shards: int, shard_index: int) -> str:
+    """``-iiiii-of-KKKKK``, the part of worker ``shard_index``'s file names that tells the
+    workers of a split dump apart (empty for a single worker)."""
+    return "" if num_shards == 1 else f"-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def shard_file_name(num_shards: int, shard_index: int, j: int) -> str:
+    """The file name of worker ``shard_index``'s shard number ``j``."""
+    return f"shard{worker_tag(num_shards, shard_index)}-{j:05d}.safetensors"
 
 
 def default(name: str) -> Any:
