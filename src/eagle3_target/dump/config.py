@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eagle3_target.data.chat import MAX_LENGTH
-from eagle3_target.data.rows import sample_data_path, worker_owns
+from eagle3_target.data.rows import MAX_ROW_BYTES, sample_data_path, worker_owns
 from eagle3_target.dump.modes import MODES
 
 __all__ = ["DumpConfig", "RENDER_CHOICES", "default", "pin_threads_ok", "worker_tag", "shard_file_name"]
@@ -48,6 +48,9 @@ class DumpConfig:
     """Draft-vocab mapping (``eagle3-target vocab``); required for ``draft`` mode."""
     max_length: int | None = MAX_LENGTH
     """Tokens a sample keeps (right truncation; None: all)."""
+    max_row_mb: float = MAX_ROW_BYTES / 2**20
+    """The largest data row read, in MiB; a larger one is skipped with its size
+    (:mod:`eagle3_target.data.rows` says why: rendering takes ~300x a row's size)."""
     mask_reasoning: bool = False
     batch_tokens: int = 8192
     """Padded tokens per target forward (rows x longest row); a longer row runs alone."""
@@ -100,6 +103,9 @@ class DumpConfig:
             self.prefetch = 2 if self.server else 0
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"prefetch must be a non-negative integer, got {self.prefetch!r}")
+        if isinstance(self.max_row_mb, bool) or not isinstance(self.max_row_mb, (int, float)) \
+                or not self.max_row_mb * 2**20 >= 1:
+            raise ValueError(f"max_row_mb must be positive, got {self.max_row_mb!r}")
         if not self.shard_size_mb > 0:
             raise ValueError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -112,6 +118,11 @@ class DumpConfig:
             self.data = [self.data]
         if self.render not in RENDER_CHOICES:
             raise ValueError(f"render must be one of {', '.join(RENDER_CHOICES)}, got {self.render!r}")
+
+    @property
+    def max_row_bytes(self) -> int:
+        """``max_row_mb`` in bytes."""
+        return int(self.max_row_mb * 2**20)
 
     def render_in_child(self, engine_on_gpu: bool) -> bool:
         """Whether a child process renders the chats (see ``render``); ``engine_on_gpu``:

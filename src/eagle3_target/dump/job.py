@@ -41,7 +41,7 @@ from eagle3_target.data.chat import ChatEncoder
 from eagle3_target.data.samples import scan
 from eagle3_target.data.rows import check_data_files, count_rows
 from eagle3_target.data.tokenizer import tokenizer_class_name, tokenizer_fingerprint
-from eagle3_target.dump.config import DumpConfig
+from eagle3_target.dump.config import DumpConfig, default
 from eagle3_target.dump.format import (
     FORMAT,
     LM_HEAD_FILE,
@@ -58,7 +58,7 @@ from eagle3_target.dump.produce import ShardProducer
 from eagle3_target.dump.repair import plan_repairs, regenerate
 from eagle3_target.dump.render import RenderProcess
 from eagle3_target.dump.summary import DumpSummary, Progress, StageClock, logits_bytes_per_token, summary_json
-from eagle3_target.engines.common import quiet_transformers
+from eagle3_target.engines.common import quiet_transformers, text_config
 from eagle3_target.tiny import resolve_model
 from eagle3_target.wire import TOKEN_ENV
 
@@ -116,6 +116,17 @@ def _source_dims(source: Any, mode: str, mapping: Any) -> tuple[int, int, str]:
                 raise ValueError("the target does not say its vocab_size")
             v = out["logits"].shape[-1]
     return int(h), int(v), dtype_name(dt)
+
+
+def _context_length(source: Any) -> int | None:
+    """The target's context (``max_position_embeddings``), when it says: from the model's
+    config in process, from the server's model info remotely (None if it does not say)."""
+    model = getattr(source, "model", None)
+    if getattr(model, "config", None) is not None:
+        n = getattr(text_config(model.config), "max_position_embeddings", None)
+    else:
+        n = (getattr(source, "info", None) or {}).get("max_position_embeddings")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _tokenizer_dir(cfg: DumpConfig) -> str:
@@ -184,7 +195,8 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
             source.set_vocab_mapping(mapping)
         hidden_size, vocab_size, dtype = _source_dims(source, cfg.mode, mapping)
         encoder = ChatEncoder(tokenizer, max_length=cfg.max_length, mask_reasoning=cfg.mask_reasoning,
-                              vocab_size=vocab_size)
+                              vocab_size=vocab_size, max_context=_context_length(source),
+                              max_row_bytes=cfg.max_row_bytes)
         if cfg.strict:
             _, report = scan(data, encoder, keep=cfg.owns)
             if (msg := report.strict_error()) is not None:
@@ -204,6 +216,8 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
             "mask_source": "template" if encoder.use_template_mask else "turns",
             "batch_tokens": cfg.batch_tokens, "shard_size_mb": cfg.shard_size_mb,
             "num_shards": cfg.num_shards, "shard_index": cfg.shard_index,
+            # Recorded only when changed, so that dumps with the default keep their bytes.
+            **({"max_row_mb": cfg.max_row_mb} if cfg.max_row_mb != default("max_row_mb") else {}),
         }
         if existing is not None and existing.get("config") != config:
             old = existing.get("config") or {}
