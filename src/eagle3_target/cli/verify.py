@@ -20,9 +20,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a dump folder against its manifest(s); exit 0 when sound",
-                       description="Checks every shard: sha256 and size, header, dtypes and shapes, "
-                                   "offsets, token counts, NaN/Inf. Exit code 0 when all is well, 1 "
-                                   "otherwise.")
+                       description="Checks that every manifest accounts for its rows and shard files "
+                                   "(no unlisted shard, no gap, counts that agree) and every shard: sha256 "
+                                   "and size, header, dtypes and shapes, offsets and row indices, token "
+                                   "counts, NaN/Inf. Exit code 0 when all is well, 1 otherwise; rerunning "
+                                   "the same dump command repairs what it reports.")
     p.add_argument("dir", help="dump folder")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of every file")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of every file: checks structure and counts only, so a "
+                                                          "flipped bit inside tensor data goes unnoticed")
     p.set_defaults(func=_cmd_verify)

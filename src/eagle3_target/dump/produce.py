@@ -57,10 +57,12 @@ class ShardProducer:
     def record(self, job: ShardJob, entry: dict[str, Any]) -> None:
         with self.lock:
             shards = self.manifest["shards"]
-            if job.index < len(shards):
-                shards[job.index] = entry  # a repair
+            # In shard order: a repair replaces its entry or fills a gap.
+            at = next((p for p, e in enumerate(shards) if e["index"] >= job.index), len(shards))
+            if at < len(shards) and shards[at]["index"] == job.index:
+                shards[at] = entry
             else:
-                shards.append(entry)
+                shards.insert(at, entry)
             self.save_manifest()
 
     # -- production -------------------------------------------------------------------
