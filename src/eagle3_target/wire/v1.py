@@ -12,6 +12,7 @@ Nothing here touches the engine: a request is fully validated before it is queue
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ __all__ = [
     "decode_safetensors",
     "encode_safetensors",
     "safetensors_parts",
+    "MAX_REQUEST_TENSORS",
+    "response_spec",
 ]
 
 PROTOCOL_VERSION = 1
@@ -101,6 +104,12 @@ RESPONSE_KEYS: dict[str, tuple[str, ...]] = {name: m.outputs for name, m in MODE
 # GET /v1/lm_head: the LM head's tensors (LMHead.to_tensors()).
 LM_HEAD_KEYS = ("weight", "bias", "logit_scale", "logit_softcap")
 
+# A request body holds at most this many tensors (the three of INPUT_KEYS, or a mapping's
+# two); the header is checked before the library parses it, so a header of a million
+# empty tensors costs nothing (NMET caps its entries the same way).
+MAX_REQUEST_TENSORS = 64
+_MAX_REQUEST_HEADER = 1 << 20
+
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _MASK_DTYPES = _INT_DTYPES + (torch.bool,)
 
@@ -158,15 +167,41 @@ def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
         raw = query.get("k")
         if raw is None:
             raise _bad_param("k", f"required in topk mode (1..{MAX_TOPK})")
-        try:
-            k = int(raw)
-        except ValueError:
-            raise _bad_param("k", f"got {raw[:64]!r}, expected an integer 1..{MAX_TOPK}") from None
+        # ASCII digits only: int() would also take " 4 ", "1_0" and other scripts' digits.
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 8):
+            raise _bad_param("k", f"got {raw[:64]!r}, expected an integer 1..{MAX_TOPK} "
+                                  "written in ASCII digits")
+        k = int(raw)
         if not 1 <= k <= MAX_TOPK:
             raise _bad_param("k", f"got {k}, expected 1..{MAX_TOPK}")
     elif "k" in query:
         raise _bad_param("k", f"only used in topk mode, not in {mode} mode")
     return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=dtype, k=k)
+
+
+def response_spec(mode: str, *, rows: int, seq: int, info: Mapping[str, Any], dtype: str = "auto",
+                  k: int | None = None, draft_vocab: int | None = None
+                  ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """What a ``/v1/supervision`` answer in ``mode`` holds: ``name -> (shape, dtype)``
+    for a ``[rows, seq]`` request, from the server's model info (``hidden_size``,
+    ``vocab_size``, ``aux_layer_ids``). A dtype of None means "any floating dtype" (the
+    model's own, under ``dtype=auto``)."""
+    h, v = int(info["hidden_size"]), int(info["vocab_size"])
+    aux = len(info["aux_layer_ids"]) * h
+    wire = OUTPUT_DTYPES[dtype]
+    fp32 = wire or torch.float32  # computed in fp32: cast only when a dtype is asked for
+    b, s = rows, seq
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {
+        "aux_hidden_states": ((b, s, aux), wire),
+        "logits": ((b, s, v), wire),
+        "final_hidden": ((b, s, h), wire),
+        "target_probs": ((b, s, draft_vocab or 0), fp32),
+        "position_mask": ((b, s, 1), torch.bool),
+        "topk_values": ((b, s, k or 0), wire),
+        "topk_indices": ((b, s, k or 0), torch.int32),
+        "logsumexp": ((b, s), fp32),
+    }
+    return {name: specs[name] for name in MODES[mode].outputs}
 
 
 def _invalid(field_name: str, detail: str, error: str = "invalid_input") -> ApiError:
@@ -246,6 +281,7 @@ def decode_safetensors(body: bytes, what: str = "body") -> dict[str, torch.Tenso
     """Parses a safetensors body; raises ApiError 400 naming the problem."""
     if not body:
         raise ApiError(400, "bad_body", f"{what} is empty: expected safetensors bytes")
+    _check_request_header(body, what)
     try:
         tensors = st_load(bytes(body))
     except SafetensorError as e:
@@ -259,6 +295,39 @@ def decode_safetensors(body: bytes, what: str = "body") -> dict[str, torch.Tenso
             raise ApiError(400, "bad_body", f"{k}: bool tensor holds bytes other than 0 and 1",
                            field=k)
     return tensors
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ApiError(400, "bad_body", f"tensor name {k[:64]!r} appears twice in the "
+                                            "safetensors header (names must be unique)", field=k)
+        out[k] = v
+    return out
+
+
+def _check_request_header(body: bytes, what: str) -> None:
+    """Bounds a request's safetensors header before the library parses it: at most
+    :data:`MAX_REQUEST_TENSORS` tensors, unique names (the library keeps the last of a
+    duplicated name without a word)."""
+    if len(body) < 8:
+        raise ApiError(400, "bad_body", f"{what} is not valid safetensors: {len(body)} bytes, "
+                                        "shorter than the 8-byte header length")
+    n = int.from_bytes(body[:8], "little")
+    if n > _MAX_REQUEST_HEADER:
+        raise ApiError(400, "bad_body", f"{what}: safetensors header of {n} bytes exceeds "
+                                        f"{_MAX_REQUEST_HEADER} (a request holds at most "
+                                        f"{MAX_REQUEST_TENSORS} tensors)")
+    try:
+        header = json.loads(bytes(body[8:8 + n]), object_pairs_hook=_unique_names)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ApiError(400, "bad_body", f"{what} is not valid safetensors: the header is not "
+                                        f"UTF-8 JSON ({e})") from None
+    count = len(header) - ("__metadata__" in header) if isinstance(header, dict) else 0
+    if count > MAX_REQUEST_TENSORS:
+        raise ApiError(400, "bad_body", f"{what} holds {count} tensors; a request holds at most "
+                                        f"{MAX_REQUEST_TENSORS}")
 
 
 def encode_safetensors(tensors: Mapping[str, torch.Tensor],
