@@ -184,3 +184,16 @@ def test_rerun_is_byte_identical_and_repairs_a_corrupted_shard(tmp_path, dumps, 
     s = export("nemo", str(dumps["hidden"]), str(out), vocab=str(vocab_file), model=tiny_path, shard_size=4)
     assert s.rewritten == ["shard-000001.safetensors"] and s.run_files == 1
     assert tree(out) == tree(exports["hidden"]) and verify_export(out).ok
+
+
+def test_our_reader_reads_the_cache_back_as_our_samples(exports, dumps):
+    from eagle3_target.export import TrainerDataset
+
+    ours, back = Eagle3Dataset(dumps["draft"]), TrainerDataset(exports["draft"])
+    assert back.format == "nemo" and len(back) == len(ours)
+    for i in range(N):
+        a, b = ours[i], back[i]
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert TrainerDataset(dumps["draft"]).format == "dump"

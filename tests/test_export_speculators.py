@@ -184,3 +184,14 @@ def test_other_settings_over_an_export_are_refused(tmp_path, dump_dir, vocab_fil
     (tmp_path / "busy" / "x.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
         export("speculators", str(dump_dir), str(tmp_path / "busy"))
+
+
+def test_our_reader_reads_the_export_back_as_our_samples(exported, dump_dir):
+    from eagle3_target.export import TrainerDataset
+
+    ours, back = Eagle3Dataset(dump_dir), TrainerDataset(exported)
+    assert back.format == "speculators" and len(back) == N
+    for i in range(N):
+        a, b = ours[i], back[i]
+        for k in ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "final_prenorm"):
+            assert torch.equal(a[k], b[k]), k

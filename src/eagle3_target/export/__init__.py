@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ExportFormat", "FORMATS", "export", "verify_export"]
+__all__ = ["ExportFormat", "FORMATS", "export", "verify_export", "TrainerDataset"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def export(to: str, dump: str, out: str, **kwargs: Any) -> Any:
     return getattr(importlib.import_module(f.module), f.function)(dump, out, **kwargs)
 
 
-_LAZY = {"verify_export": "eagle3_target.export.files"}
+_LAZY = {"verify_export": "eagle3_target.export.files", "TrainerDataset": "eagle3_target.export.readers"}
 
 
 def __getattr__(name: str) -> Any:
