@@ -82,7 +82,8 @@ ONE_WAY = {
     "engines": ("server", "client", "dump", "cli", "data"),
     "data": ("server", "client", "dump", "engines", "cli", "wire", "contract"),
     "server": ("client", "dump", "cli", "data"),
-    "dump": ("server", "cli"),
+    "dump": ("server", "cli", "export"),
+    "export": ("server", "client", "cli"),
 }
 
 

@@ -1,5 +1,6 @@
 """``eagle3-target verify DIR``: check a dump folder against its manifests
-(:mod:`eagle3_target.dump.verify`); exit 0 when it is sound."""
+(:mod:`eagle3_target.dump.verify`), or an export folder against its sidecar
+(:func:`eagle3_target.export.files.verify_export`); exit 0 when it is sound."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ __all__ = ["register"]
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from eagle3_target.dump.verify import verify_dump
+    from pathlib import Path
 
-    report = verify_dump(args.dir, hash_shards=not args.no_hash)
+    from eagle3_target.dump.verify import verify_dump
+    from eagle3_target.export.files import SIDECAR, verify_export
+
+    if (Path(args.dir) / SIDECAR).is_file():  # a trainer-format export (`eagle3-target export`)
+        report = verify_export(args.dir, hash_files=not args.no_hash)
+    else:
+        report = verify_dump(args.dir, hash_shards=not args.no_hash)
     print("\n".join(report.lines))
     for p in report.problems:
         print(f"problem: {p}")

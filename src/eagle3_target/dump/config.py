@@ -46,6 +46,10 @@ class DumpConfig:
     """Options for the engine's ``build()`` (``--engine-arg``), e.g. ``attention_backend``."""
     vocab: str | None = None
     """Draft-vocab mapping (``eagle3-target vocab``); required for ``draft`` mode."""
+    with_prenorm: bool = False
+    """Also store ``final_prenorm``, the final state before the final norm (what
+    speculators' trainer takes; ``eagle3-target export --to speculators`` needs it).
+    Costs a second target forward per batch and ``H`` values a token."""
     max_length: int | None = MAX_LENGTH
     """Tokens a sample keeps (right truncation; None: all)."""
     max_row_mb: float = MAX_ROW_BYTES / 2**20

@@ -53,7 +53,7 @@ from eagle3_target.dump.format import (
     save_lm_head,
     sha256_file,
 )
-from eagle3_target.dump.modes import MODES, TargetSource
+from eagle3_target.dump.modes import MODES, TargetSource, compute_prenorm
 from eagle3_target.dump.produce import ShardProducer
 from eagle3_target.dump.repair import plan_repairs, regenerate
 from eagle3_target.dump.render import RenderProcess
@@ -194,6 +194,9 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
         if mapping is not None and hasattr(source, "set_vocab_mapping") and cfg.mode == "draft":
             source.set_vocab_mapping(mapping)
         hidden_size, vocab_size, dtype = _source_dims(source, cfg.mode, mapping)
+        if cfg.with_prenorm:  # refuse before anything is written when the target cannot give it
+            probe = torch.zeros((1, 2), dtype=torch.int64)
+            compute_prenorm(source, probe, torch.ones_like(probe), torch.ones_like(probe))
         encoder = ChatEncoder(tokenizer, max_length=cfg.max_length, mask_reasoning=cfg.mask_reasoning,
                               vocab_size=vocab_size, max_context=_context_length(source),
                               max_row_bytes=cfg.max_row_bytes)
@@ -219,6 +222,8 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
             # Recorded only when changed, so that dumps with the default keep their bytes.
             **({"max_row_mb": cfg.max_row_mb} if cfg.max_row_mb != default("max_row_mb") else {}),
         }
+        if cfg.with_prenorm:  # recorded only when set: a default dump's bytes stay as they were
+            config["with_prenorm"] = True
         if existing is not None and existing.get("config") != config:
             old = existing.get("config") or {}
             diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
