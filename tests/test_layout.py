@@ -83,6 +83,7 @@ ONE_WAY = {
     "data": ("server", "client", "dump", "engines", "cli", "wire", "contract"),
     "server": ("client", "dump", "cli", "data"),
     "dump": ("server", "cli"),
+    "regen": ("server", "client", "cli"),
 }
 
 
