@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b validate-families validate-tp bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b validate-families validate-tp bench bench-server bench-dump bench-dump-large cli-dump export-8b bench-transport diag-io check-client
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -129,6 +129,23 @@ for stage in "$@"; do
         --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/cli_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       rm -rf /tmp/cli-dump ;;
+    export-8b)
+      # The trainers' formats at the 8B shape: a draft-mode dump with --with-prenorm (SGLang,
+      # EXPORT_ROWS (200) sample chats cut at 512 tokens), then both exports of it; prints
+      # bytes/token and MB/s of each (bench/bench_export.py --dump). Needs datasets + pyarrow.
+      chat_target_8b
+      head -n ${EXPORT_ROWS:-200} "$REPO/src/eagle3_target/data/sample_chats.jsonl" > /tmp/chats-export.jsonl
+      rm -rf /tmp/export-dump /tmp/export-work; mkdir -p /tmp/export-work
+      step 120 python3 -m eagle3_target.cli vocab --model /tmp/llama8b --data /tmp/chats-export.jsonl \
+        --draft-vocab-size 32000 --out /tmp/export-vocab.safetensors
+      step 420 python3 -m eagle3_target.cli dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
+        --data /tmp/chats-export.jsonl --out /tmp/export-dump --mode draft --vocab /tmp/export-vocab.safetensors \
+        --with-prenorm --max-length 512 --batch-tokens 16384 --engine-arg attention_backend=triton \
+        --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 | tee "$OUT/export_dump.txt"
+      step 420 python3 "$REPO/bench/bench_export.py" --dump /tmp/export-dump --vocab /tmp/export-vocab.safetensors \
+        --model /tmp/llama8b --workdir /tmp/export-work --json "$OUT/bench_export.json" | tee "$OUT/bench_export.txt"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      rm -rf /tmp/export-dump /tmp/export-work ;;
     check-client)
       # The client's CUDA path (pinned reads, non-blocking device copies) vs in process.
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
