@@ -81,7 +81,7 @@ def _build_server(cfg: RegenConfig, tokenizer: Any, renderer: PromptRenderer | N
 
 
 GENERATORS: dict[str, Callable[[RegenConfig, Any, PromptRenderer | None], Generator]] = {
-    "hf": _build_hf,
+    "hf": _build_hf, "server": _build_server,
 }
 """Engine name -> builder of its :class:`Generator`."""
 
@@ -278,7 +278,7 @@ class _Job:
         return RegenSummary(out=str(self.out), complete=True, shards=len(entries),
                             run_rows=run_rows, run_generated_tokens=progress.tokens,
                             run_seconds=time.perf_counter() - t0, shards_written=written,
-                            shards_redone=redone, **summary)
+                            shards_redone=redone, run_retries=int(getattr(self.gen, "retried", 0)), **summary)
 
     def _shard(self, k: int, progress: RegenProgress) -> dict[str, Any]:
         cfg = self.cfg
