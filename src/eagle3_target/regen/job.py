@@ -68,8 +68,11 @@ def _build_sglang(cfg: RegenConfig, tokenizer: Any, renderer: PromptRenderer | N
     from eagle3_target.regen.sglang import SGLangGenerator
     from eagle3_target.tiny import resolve_model
 
+    args = dict(cfg.engine_args)
+    if cfg.device not in (None, "cuda"):
+        raise ValueError(f"--engine sglang runs on CUDA GPUs; got --device {cfg.device}")
     return SGLangGenerator(resolve_model(cfg.model), tokenizer, renderer, sampling=cfg.sampling(),
-                           dtype=cfg.dtype, **cfg.engine_args)
+                           dtype=cfg.dtype, **args)
 
 
 def _build_server(cfg: RegenConfig, tokenizer: Any, renderer: PromptRenderer | None) -> Generator:
@@ -81,7 +84,7 @@ def _build_server(cfg: RegenConfig, tokenizer: Any, renderer: PromptRenderer | N
 
 
 GENERATORS: dict[str, Callable[[RegenConfig, Any, PromptRenderer | None], Generator]] = {
-    "hf": _build_hf, "server": _build_server,
+    "hf": _build_hf, "sglang": _build_sglang, "server": _build_server,
 }
 """Engine name -> builder of its :class:`Generator`."""
 
