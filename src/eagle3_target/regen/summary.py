@@ -61,6 +61,8 @@ class RegenSummary:
     run_seconds: float = 0.0
     shards_written: int = 0
     shards_redone: int = 0
+    run_retries: int = 0
+    """Server requests retried in this run (``--server``)."""
 
     def lines(self) -> list[str]:
         report = DataReport(counts={k: Counter(v) for k, v in self.skipped.items()},
@@ -72,7 +74,8 @@ class RegenSummary:
                f"{self.generated_tokens} generated tokens",
                f"  this run: {self.run_rows} input rows, {self.shards_written} shards written"
                + (f" ({self.shards_redone} redone after a failed check)" if self.shards_redone else "")
-               + f", {self.run_rows / dt:.2f} rows/s, {self.run_generated_tokens / dt:.1f} generated tok/s"]
+               + f", {self.run_rows / dt:.2f} rows/s, {self.run_generated_tokens / dt:.1f} generated tok/s"
+               + (f", {self.run_retries} server requests retried" if self.run_retries else "")]
         lines = report_lines(report)
         return out + ([f"  {s}" for s in lines] if lines else ["  no rows skipped"])
 
