@@ -112,6 +112,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="with --dump: the dump's model")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--formats", default="speculators,nemo", help="comma-separated formats to export")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-export-", dir=args.workdir))
     rows = []
@@ -139,7 +140,8 @@ def main() -> None:
             m = json.loads(next(dump.glob("manifest*.json")).read_text())
             tokens = m["summary"]["tokens"] if m.get("summary") else None
             what = f"dump {dump} ({m['config']['mode']}, H={m['config']['hidden_size']})"
-        for to, kw in (("speculators", {}), ("nemo", {"vocab": str(vocab), "model": str(model)})):
+        formats = {"speculators": {}, "nemo": {"vocab": str(vocab), "model": str(model)}}
+        for to, kw in ((f, formats[f]) for f in args.formats.split(",")):
             out = work / f"export-{to}"
             t0 = time.perf_counter()
             es = export(to, str(dump), str(out), **({"vocab": str(vocab)} if to == "speculators" else kw))

@@ -7,7 +7,8 @@
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
 # earlier run) and, for the server and dump stages, extra/ (wheels the GPU image lacks:
-# fastapi, uvicorn, httptools, opentelemetry-api, typing-inspection). The code run is this
+# fastapi, uvicorn, httptools, opentelemetry-api, typing-inspection; for SGLang's Engine: setproctitle,
+# uvloop, prometheus-client). The code run is this
 # script's own repository. Results and one log
 # go to $OUT; the flashinfer JIT cache is packed to $OUT/fi-cache.tgz for the next run.
 set -uo pipefail
@@ -154,7 +155,8 @@ for stage in "$@"; do
         --data /tmp/chats-export.jsonl --out /tmp/export-dump --mode draft --vocab /tmp/export-vocab.safetensors \
         --with-prenorm --max-length 512 --batch-tokens 16384 --engine-arg attention_backend=triton \
         --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 | tee "$OUT/export_dump.txt"
-      step 420 python3 "$REPO/bench/bench_export.py" --dump /tmp/export-dump --vocab /tmp/export-vocab.safetensors \
+      python3 -c 'import pyarrow, pandas, datasets' 2>/dev/null || echo "no pyarrow/pandas/datasets here: add their wheels to GPU_DIR/extra for the speculators export"
+      step 420 python3 "$REPO/bench/bench_export.py" --formats ${EXPORT_FORMATS:-speculators,nemo} --dump /tmp/export-dump --vocab /tmp/export-vocab.safetensors \
         --model /tmp/llama8b --workdir /tmp/export-work --json "$OUT/bench_export.json" | tee "$OUT/bench_export.txt"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       rm -rf /tmp/export-dump /tmp/export-work ;;
