@@ -23,6 +23,17 @@ bash "$G/bundle/install.sh" | tail -1
 if [ -d "$G/extra" ]; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site "$G"/extra/*.whl 2>&1 | tail -2
 fi
+# This image's transformers registers config names SGLang 0.5.16 registers too; the engine
+# patches AutoConfig.register in its own process, but SGLang's offline Engine starts its
+# scheduler in a fresh interpreter. sitecustomize applies the same patch there (only when
+# EAGLE3_TF_REGISTER_PATCH=1, so other processes do not import transformers at start).
+cat > /tmp/site/sitecustomize.py <<'PY'
+import os
+if os.environ.get("EAGLE3_TF_REGISTER_PATCH") == "1":
+    from transformers import AutoConfig
+    _orig = AutoConfig.register
+    AutoConfig.register = staticmethod(lambda t, c, exist_ok=False: _orig(t, c, exist_ok=True))
+PY
 tar xzf "$G/jit-caches-sglang-0.5.16-h100.tgz" -C /tmp
 [ -f "$G/fi-cache.tgz" ] && mkdir -p /tmp/fiws && tar xzf "$G/fi-cache.tgz" -C /tmp/fiws
 # The installs above have just rewritten flashinfer's sources and headers, so ninja would
@@ -85,13 +96,13 @@ for stage in "$@"; do
       # regenerate through SGLang's offline Engine: greedy rows equal the transformers engine's
       # (bf16, same GPU) on the peaked tiny model.
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
-      step 420 python3 "$S/regen_sglang.py" check --model /tmp/tiny-peaked --rows ${REGEN_ROWS:-32} \
+      EAGLE3_TF_REGISTER_PATCH=1 step 420 python3 "$S/regen_sglang.py" check --model /tmp/tiny-peaked --rows ${REGEN_ROWS:-32} \
         --out "$OUT/regen_check.json" ;;
     regen-bench)
       # regenerate's SGLang engine against sglang.bench_offline_throughput on the same prompts
       # (8B shape, EOS ignored by both); the goal is >= 0.9x its output tokens/s.
       chat_target_8b
-      step 560 python3 "$S/regen_sglang.py" bench --model /tmp/llama8b --prompts ${REGEN_PROMPTS:-512} \
+      EAGLE3_TF_REGISTER_PATCH=1 step 560 python3 "$S/regen_sglang.py" bench --model /tmp/llama8b --prompts ${REGEN_PROMPTS:-512} \
         --max-new-tokens ${REGEN_NEW:-256} --out "$OUT/regen_bench.json" ;;
     validate-8b)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
