@@ -145,3 +145,16 @@ def test_rows_longer_than_the_models_context_are_skipped_and_never_run(tmp_path,
     # Truncated to the context, the row is kept.
     s = dump(tmp_path / "cut", tiny_target, tok, p, max_length=context)
     assert s.samples == N_ROWS + 1
+
+
+def test_vocab_reads_rows_with_the_same_cap_and_names_its_flag(tmp_path, tiny_model_dir, capsys):
+    from eagle3_target.cli import main as cli_main
+
+    p = data_with(tmp_path, chat_line("hi", "x " * 40_000))  # 80 KB
+    args = ["vocab", "--model", str(tiny_model_dir), "--data", str(p), "--draft-vocab-size", "64",
+            "--out", str(tmp_path / "v.safetensors")]
+    assert cli_main(args + ["--max-row-mb", "0.05", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "row too large" in err and "mixed.jsonl:3" in err and "--max-row-mb" in err
+    assert not (tmp_path / "v.safetensors").exists()
+    assert cli_main(args + ["--strict"]) == 0  # under the default 1 MiB cap
