@@ -248,3 +248,22 @@ def test_verify_help_says_no_hash_checks_structure_only():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     assert "--no-hash" in text and "structure and counts only" in text and "flipped bit" in text
+
+
+@pytest.mark.slow
+def test_the_command_line_on_the_issue_case_verify_fails_and_a_rerun_restores(copy, reference, data_file):
+    """The real commands: the last entry deleted (its file kept) makes `verify` exit 1
+    naming the file, and rerunning `dump` exits 0 with the entry restored."""
+    m = edit_manifest(copy, lambda m: m["shards"].pop())
+    last = f"shard-{len(m['shards']):05d}.safetensors"
+    cli = [sys.executable, "-m", "eagle3_target.cli"]
+    v = subprocess.run(cli + ["verify", str(copy)], capture_output=True, text=True, timeout=120)
+    assert v.returncode == 1 and f"{last}: a shard file that manifest.json does not list" in v.stdout, v.stdout
+    r = subprocess.run(cli + ["dump", "--data", str(data_file), "--out", str(copy), "--device", "cpu",
+                              "--batch-tokens", "1024", "--shard-size-mb", "0.05", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "adopted 1, repaired 0" in r.stdout and "shards written 0" in r.stdout, r.stdout
+    assert files_of(copy) == files_of(reference)
+    v = subprocess.run(cli + ["verify", str(copy)], capture_output=True, text=True, timeout=120)
+    assert v.returncode == 0 and "OK:" in v.stdout, v.stdout
