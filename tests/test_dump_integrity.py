@@ -267,3 +267,12 @@ def test_the_command_line_on_the_issue_case_verify_fails_and_a_rerun_restores(co
     assert files_of(copy) == files_of(reference)
     v = subprocess.run(cli + ["verify", str(copy)], capture_output=True, text=True, timeout=120)
     assert v.returncode == 0 and "OK:" in v.stdout, v.stdout
+
+
+def test_a_complete_manifest_without_its_tail_is_refused_and_nothing_changes(copy, tiny_target, tok, data_file):
+    edit_manifest(copy, lambda m: m.__setitem__("tail", None))
+    assert_all_refuse(copy, "manifest.json")
+    before = files_of(copy)
+    with pytest.raises(ValueError, match="says nothing of the rows after its last sample"):
+        dump(copy, tiny_target, tok, data_file)
+    assert files_of(copy) == before
