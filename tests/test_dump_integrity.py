@@ -276,3 +276,40 @@ def test_a_complete_manifest_without_its_tail_is_refused_and_nothing_changes(cop
     with pytest.raises(ValueError, match="says nothing of the rows after its last sample"):
         dump(copy, tiny_target, tok, data_file)
     assert files_of(copy) == before
+
+
+def test_a_split_dump_accounts_per_worker_and_a_worker_rerun_repairs_its_own(tmp_path, tiny_target, tok, data_file):
+    ref, out = tmp_path / "ref", tmp_path / "d"
+    for i in (0, 1):
+        dump(ref, tiny_target, tok, data_file, num_shards=2, shard_index=i)
+    shutil.copytree(ref, out)
+    name = "manifest-00001-of-00002.json"
+    m = json.loads((out / name).read_text())
+    lost = m["shards"].pop(1)["file"]
+    (out / name).write_text(json.dumps(m))
+    report = verify_dump(out)
+    assert not report.ok and any(p.startswith(f"{lost}: a shard file that {name} does not list")
+                                 for p in report.problems), report.problems
+    with pytest.raises(ValueError, match=lost):
+        Eagle3Dataset(out)
+    s = dump(out, tiny_target, tok, data_file, num_shards=2, shard_index=1)
+    assert s.shards_adopted == 1 and s.shards_written == 0
+    assert files_of(out) == files_of(ref)
+    assert len(Eagle3Dataset(out)) == N_ROWS
+
+
+def test_an_unfinished_dump_read_with_allow_incomplete_serves_its_listed_shards(copy):
+    def unfinish(m):
+        m["complete"], m["tail"], m["summary"] = False, None, None
+        m["shards"].pop()  # the writer's next shard: on disk, not yet listed
+
+    m = edit_manifest(copy, unfinish)
+    ds = Eagle3Dataset(copy, allow_incomplete=True)
+    assert len(ds) == sum(e["num_samples"] for e in m["shards"])
+
+    def gap(m):
+        m["shards"].pop(1)
+
+    edit_manifest(copy, gap)
+    with pytest.raises(ValueError, match="an entry is missing or out of order"):
+        Eagle3Dataset(copy, allow_incomplete=True)
