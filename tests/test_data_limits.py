@@ -145,3 +145,42 @@ def test_rows_longer_than_the_models_context_are_skipped_and_never_run(tmp_path,
     # Truncated to the context, the row is kept.
     s = dump(tmp_path / "cut", tiny_target, tok, p, max_length=context)
     assert s.samples == N_ROWS + 1
+
+
+def test_vocab_reads_rows_with_the_same_cap_and_names_its_flag(tmp_path, tiny_model_dir, capsys):
+    from eagle3_target.cli import main as cli_main
+
+    p = data_with(tmp_path, chat_line("hi", "x " * 40_000))  # 80 KB
+    args = ["vocab", "--model", str(tiny_model_dir), "--data", str(p), "--draft-vocab-size", "64",
+            "--out", str(tmp_path / "v.safetensors")]
+    assert cli_main(args + ["--max-row-mb", "0.05", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "row too large" in err and "mixed.jsonl:3" in err and "--max-row-mb" in err
+    assert not (tmp_path / "v.safetensors").exists()
+    assert cli_main(args + ["--strict"]) == 0  # under the default 1 MiB cap
+
+
+@pytest.mark.slow
+def test_a_dump_with_a_10_mb_line_stays_small_in_memory(tmp_path):
+    """The real command on data with one 10 MiB line (before the cap the dump rendered it
+    and peaked at 3.4 GB on the CPU machine): the row is skipped with its size and the
+    process stays near its size without it (0.42 GB)."""
+    import subprocess
+    import sys
+
+    import random
+
+    rng = random.Random(0)  # varied words: a tokenizer makes light work of one word repeated
+    text = " ".join(rng.choices(["alpha", "beta", "gamma", "delta", "caf\u00e9", "na\u00efve", "x1", "the", "of"],
+                                k=2_000_000))
+    p = data_with(tmp_path, chat_line("summarise", text))
+    assert p.stat().st_size > 10 * 2**20
+    measure = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(r.stdout)")
+    r = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "eagle3_target.cli", "dump",
+                        "--data", str(p), "--out", str(tmp_path / "d"), "--device", "cpu", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    code, maxrss_kib = (int(x) for x in r.stdout.split("\n", 1)[0].split())
+    assert code == 0, r.stdout + r.stderr
+    assert "row too large: 1" in r.stdout and "mixed.jsonl:3" in r.stdout, r.stdout
+    assert maxrss_kib < 1200 * 1024, f"the dump peaked at {maxrss_kib / 1024:.0f} MiB"

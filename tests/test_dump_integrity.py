@@ -248,3 +248,68 @@ def test_verify_help_says_no_hash_checks_structure_only():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     assert "--no-hash" in text and "structure and counts only" in text and "flipped bit" in text
+
+
+@pytest.mark.slow
+def test_the_command_line_on_the_issue_case_verify_fails_and_a_rerun_restores(copy, reference, data_file):
+    """The real commands: the last entry deleted (its file kept) makes `verify` exit 1
+    naming the file, and rerunning `dump` exits 0 with the entry restored."""
+    m = edit_manifest(copy, lambda m: m["shards"].pop())
+    last = f"shard-{len(m['shards']):05d}.safetensors"
+    cli = [sys.executable, "-m", "eagle3_target.cli"]
+    v = subprocess.run(cli + ["verify", str(copy)], capture_output=True, text=True, timeout=120)
+    assert v.returncode == 1 and f"{last}: a shard file that manifest.json does not list" in v.stdout, v.stdout
+    r = subprocess.run(cli + ["dump", "--data", str(data_file), "--out", str(copy), "--device", "cpu",
+                              "--batch-tokens", "1024", "--shard-size-mb", "0.05", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "adopted 1, repaired 0" in r.stdout and "shards written 0" in r.stdout, r.stdout
+    assert files_of(copy) == files_of(reference)
+    v = subprocess.run(cli + ["verify", str(copy)], capture_output=True, text=True, timeout=120)
+    assert v.returncode == 0 and "OK:" in v.stdout, v.stdout
+
+
+def test_a_complete_manifest_without_its_tail_is_refused_and_nothing_changes(copy, tiny_target, tok, data_file):
+    edit_manifest(copy, lambda m: m.__setitem__("tail", None))
+    assert_all_refuse(copy, "manifest.json")
+    before = files_of(copy)
+    with pytest.raises(ValueError, match="says nothing of the rows after its last sample"):
+        dump(copy, tiny_target, tok, data_file)
+    assert files_of(copy) == before
+
+
+def test_a_split_dump_accounts_per_worker_and_a_worker_rerun_repairs_its_own(tmp_path, tiny_target, tok, data_file):
+    ref, out = tmp_path / "ref", tmp_path / "d"
+    for i in (0, 1):
+        dump(ref, tiny_target, tok, data_file, num_shards=2, shard_index=i)
+    shutil.copytree(ref, out)
+    name = "manifest-00001-of-00002.json"
+    m = json.loads((out / name).read_text())
+    lost = m["shards"].pop(1)["file"]
+    (out / name).write_text(json.dumps(m))
+    report = verify_dump(out)
+    assert not report.ok and any(p.startswith(f"{lost}: a shard file that {name} does not list")
+                                 for p in report.problems), report.problems
+    with pytest.raises(ValueError, match=lost):
+        Eagle3Dataset(out)
+    s = dump(out, tiny_target, tok, data_file, num_shards=2, shard_index=1)
+    assert s.shards_adopted == 1 and s.shards_written == 0
+    assert files_of(out) == files_of(ref)
+    assert len(Eagle3Dataset(out)) == N_ROWS
+
+
+def test_an_unfinished_dump_read_with_allow_incomplete_serves_its_listed_shards(copy):
+    def unfinish(m):
+        m["complete"], m["tail"], m["summary"] = False, None, None
+        m["shards"].pop()  # the writer's next shard: on disk, not yet listed
+
+    m = edit_manifest(copy, unfinish)
+    ds = Eagle3Dataset(copy, allow_incomplete=True)
+    assert len(ds) == sum(e["num_samples"] for e in m["shards"])
+
+    def gap(m):
+        m["shards"].pop(1)
+
+    edit_manifest(copy, gap)
+    with pytest.raises(ValueError, match="an entry is missing or out of order"):
+        Eagle3Dataset(copy, allow_incomplete=True)

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "counts, NaN/Inf. Exit code 0 when all is well, 1 otherwise; rerunning "
                                    "the same dump command repairs what it reports.")
     p.add_argument("dir", help="dump folder")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of every file: checks structure and counts only, so a "
-                                                          "flipped bit inside tensor data goes unnoticed")
+    p.add_argument("--no-hash", action="store_true",
+                   help="skip the sha256 of every file: checks structure and counts only, so a flipped bit "
+                        "inside tensor data goes unnoticed")
     p.set_defaults(func=_cmd_verify)

@@ -9,8 +9,9 @@ schema by construction, so ``datasets`` reads it (streaming, no cache copy).
 What a JSONL row may be, and why: UTF-8 (RFC 8259), decoded strictly -- invalid bytes
 were otherwise stored as U+FFFD in the training text without a word -- and no longer
 than ``max_row_bytes`` (:data:`MAX_ROW_BYTES` by default): rendering and tokenising a
-row took about 300 times its size in memory on the CPU machine (a 4.8 MB line, 1.25
-GiB), so one oversized line could take the machine down. A row over the cap is never
+row took 270-320 times its size in memory on a 2-core AMD EPYC machine (a 4.8 MB line,
+1.2 GiB; ``bench/bench_row_memory.py``), so one oversized line could take the machine
+down. A row over the cap is never
 held in memory whole: it is read in bounded pieces and skipped with its size. Such rows
 are reported like any malformed row (``file:line``, reason), never dropped silently.
 

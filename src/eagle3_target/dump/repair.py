@@ -83,8 +83,10 @@ def plan_repairs(d: ShardProducer, *, hash_it: bool, log: Callable[[str], None])
         if e["file"] != cfg.shard_name(e["index"]) or e["index"] in by_index:
             raise _refuse(mpath, f"shard entry {j} ({e['file']}) is not shard {e['index']} or lists it twice")
         by_index[e["index"]] = e
-    if m.get("complete") and not (isinstance(m.get("tail"), dict) and isinstance(m["tail"].get("rows"), list)):
-        raise _refuse(mpath, "it is marked complete but has no tail")
+    tail = m.get("tail") if isinstance(m.get("tail"), dict) else {}
+    if m.get("complete") and not (isinstance(tail.get("rows"), list) and tail["rows"]
+                                  and isinstance(tail["rows"][0], int) and tail["rows"][0] >= 0):
+        raise _refuse(mpath, "it is marked complete but says nothing of the rows after its last sample")
     plan = RepairPlan()
     for e in list(by_index.values()):
         if (why := check_shard_file(out / e["file"], e, hash_it=hash_it)) is not None:
