@@ -125,7 +125,8 @@ def _context_length(source: Any) -> int | None:
     if getattr(model, "config", None) is not None:
         n = getattr(text_config(model.config), "max_position_embeddings", None)
     else:
-        n = (getattr(source, "info", None) or {}).get("max_position_embeddings")
+        info = getattr(source, "info", None) or {}
+        n = info.get("max_context", info.get("max_position_embeddings"))  # /v1/model_info says max_context
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
