@@ -1,5 +1,6 @@
 """What the client accepts from a server: bodies decoded into tensors on the client's
-device, and every answer checked against the protocol before a trainer sees it.
+device, every answer checked against the protocol before a trainer sees it, and the
+sparse answer's form (:class:`TopKBatch`).
 
 An answer that breaks the protocol (not safetensors, a tensor missing, an LM head of the
 wrong form) raises :class:`~eagle3_target.errors.RemoteTargetError` with
@@ -8,7 +9,9 @@ wrong form) raises :class:`~eagle3_target.errors.RemoteTargetError` with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,8 +22,36 @@ from eagle3_target.errors import RemoteTargetError, SafetensorsFormatError
 from eagle3_target.wire.st_stream import decode_buffer
 from eagle3_target.wire.v1 import LM_HEAD_KEYS, MODES
 
-__all__ = ["error_from", "bad_response", "decode_tensors", "check_outputs", "model_info_from",
+__all__ = ["TopKBatch", "most_bytes", "error_from", "bad_response", "decode_tensors", "check_outputs", "model_info_from",
            "lm_head_from"]
+
+
+@dataclass
+class TopKBatch:
+    """Sparse supervision (mode ``topk``), shifted like ``Eagle3TargetBatch.logits``.
+
+    Fields:
+        aux_hidden_states: ``[B,S,3H]``.
+        topk_values: ``[B,S,k]`` logits, descending.
+        topk_indices: ``[B,S,k] int32`` target token ids.
+        logsumexp: ``[B,S] fp32`` over the full vocabulary (``log p = value - logsumexp``).
+        input_ids, loss_mask: ``[B,S]`` shifted; attention_mask ``[B,S]`` unshifted.
+    """
+
+    aux_hidden_states: torch.Tensor
+    topk_values: torch.Tensor
+    topk_indices: torch.Tensor
+    logsumexp: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+
+def most_bytes(spec: Iterable[tuple[tuple[int, ...], torch.dtype | None]]) -> int:
+    """The most an answer of tensors ``(shape, dtype)`` may hold: any float dtype may
+    come under ``dtype=auto``, so each element counts at the widest (8 bytes), plus room
+    for the safetensors header."""
+    return sum(8 * math.prod(shape) for shape, _ in spec) + (1 << 20)
 
 
 def error_from(resp: Reply) -> RemoteTargetError:

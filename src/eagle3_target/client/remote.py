@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import math
 import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -53,17 +51,20 @@ from eagle3_target.contract import (
     zero_tail,
 )
 from eagle3_target.client.answers import (
+    TopKBatch,
     bad_response,
     check_outputs,
     decode_tensors,
     error_from,
     lm_head_from,
     model_info_from,
+    most_bytes,
 )
 from eagle3_target.client.failover import Server, Servers
 from eagle3_target.client.http_pool import Reply
 from eagle3_target.errors import RemoteTargetError, RemoteTargetUnavailable, TransportError
 from eagle3_target.wire.v1 import (
+    BATCH_POLICIES,
     MAX_TOPK,
     MODES,
     OUTPUT_DTYPES,
@@ -76,29 +77,6 @@ from eagle3_target.vocab import VocabMapping, compute_target_distribution
 __all__ = ["RemoteTarget", "TopKBatch"]
 
 _RETRY_STATUS = (502, 503, 504)
-# Room for a safetensors header beside the tensors' bytes when capping a body's size.
-_HEADER_SLACK = 1 << 20
-
-
-@dataclass
-class TopKBatch:
-    """Sparse supervision (mode ``topk``), shifted like ``Eagle3TargetBatch.logits``.
-
-    Fields:
-        aux_hidden_states: ``[B,S,3H]``.
-        topk_values: ``[B,S,k]`` logits, descending.
-        topk_indices: ``[B,S,k] int32`` target token ids.
-        logsumexp: ``[B,S] fp32`` over the full vocabulary (``log p = value - logsumexp``).
-        input_ids, loss_mask: ``[B,S]`` shifted; attention_mask ``[B,S]`` unshifted.
-    """
-
-    aux_hidden_states: torch.Tensor
-    topk_values: torch.Tensor
-    topk_indices: torch.Tensor
-    logsumexp: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
 
 
 class RemoteTarget:
@@ -121,6 +99,9 @@ class RemoteTarget:
         topk: k for ``topk`` mode (1..64).
         max_in_flight: concurrent requests of ``generate_batch_async``/``prefetch``
             (default 2 per server).
+        batch: ``shared`` (default) lets a server merge a request with others into one
+            engine call; ``alone`` has each request run by itself, so the answer's bytes
+            depend on the request only (the dump's ``--server`` path uses it).
     """
 
     def __init__(
@@ -137,6 +118,7 @@ class RemoteTarget:
         dtype: str = "auto",
         topk: int | None = None,
         max_in_flight: int | None = None,
+        batch: str = "shared",
     ):
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
@@ -149,6 +131,8 @@ class RemoteTarget:
             raise ValueError(f"topk must lie in 1..{MAX_TOPK}, got {topk}")
         if mode == "topk" and topk is None:
             raise ValueError("mode='topk' needs topk=k")
+        if batch not in BATCH_POLICIES:
+            raise ValueError(f"batch must be one of {', '.join(BATCH_POLICIES)}, got {batch!r}")
         if retries < 0 or timeout <= 0:
             raise ValueError("retries must be >= 0 and timeout > 0")
         self.mode = mode
@@ -156,6 +140,7 @@ class RemoteTarget:
         self._pin = self.device.type == "cuda"
         self.dtype = dtype
         self.topk = topk
+        self.batch = batch
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -353,7 +338,7 @@ class RemoteTarget:
                 raise RuntimeError("draft mode needs set_vocab_mapping() first")
             mapping_id = self._mapping.mapping_id
         return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=self.dtype,
-                                 k=k).to_query()
+                                 k=k, batch=self.batch).to_query()
 
     def _supervision(self, mode: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      loss_mask: torch.Tensor, k: int | None = None) -> dict[str, torch.Tensor]:
@@ -368,17 +353,15 @@ class RemoteTarget:
         draft = self._mapping.draft_vocab_size if mode == "draft" and self._mapping else None
         spec = response_spec(mode, rows=b, seq=s, info=self.info, dtype=self.dtype, k=k,
                              draft_vocab=draft)
-        # Any float dtype may come under dtype=auto: bound by the widest (8 bytes).
-        most = sum(8 * math.prod(shape) for shape, _ in spec.values()) + _HEADER_SLACK
         resp = self._request("POST", "/v1/supervision", params=self._params(mode, k), content=body,
-                             bulk=True, max_body=most)
+                             bulk=True, max_body=most_bytes(spec.values()))
         tensors = self._tensors(resp)
         check_outputs(resp, mode, tensors, spec)
         return tensors
 
     def _matrix_bytes(self) -> int:
         """The most a ``[V,H]`` matrix answer (embeddings, LM head) may hold."""
-        return 8 * self.vocab_size * (self.hidden_size + 1) + _HEADER_SLACK
+        return most_bytes([((self.vocab_size, self.hidden_size + 1), None)])
 
     def _frame(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:

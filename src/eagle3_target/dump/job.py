@@ -77,7 +77,10 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
         from eagle3_target.client import RemoteTargetError
 
         try:
-            client = RemoteTarget(list(cfg.server), token=os.environ.get(TOKEN_ENV), mode=cfg.mode)
+            # batch="alone": each request runs in its own engine call, so the shards'
+            # bytes do not depend on what else the servers serve (resumes stay identical).
+            client = RemoteTarget(list(cfg.server), token=os.environ.get(TOKEN_ENV), mode=cfg.mode,
+                                  batch="alone")
         except RemoteTargetError as e:  # refused (401, wrong mode...) or unreachable: say so plainly
             raise ValueError(f"--server {','.join(cfg.server)}: {e}") from None
         needs = {"hidden": ("generate_hidden", "lm_head")}.get(cfg.mode, ("generate_batch",))

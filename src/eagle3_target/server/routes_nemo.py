@@ -20,7 +20,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from eagle3_target.errors import ApiError, NMETError
-from eagle3_target.server.state import OCTET, ServerState, json_response, mapping_from, model_info
+from eagle3_target.server.state import (
+    OCTET,
+    HeldResponse,
+    ServerState,
+    answer_bytes,
+    context_length,
+    json_response,
+    mapping_from,
+    model_info,
+)
 from eagle3_target.server.worker import Job
 from eagle3_target.wire import nmet
 from eagle3_target.wire.v1 import NEMO_GENERATE, check_inputs
@@ -90,21 +99,28 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         def prepare():
             tensors = _nmet(body)
             checked = check_inputs(tensors, vocab_size=target.vocab_size, need_loss_mask=True,
-                                   max_tokens=state.settings.max_batch_tokens)
+                                   max_tokens=state.settings.max_batch_tokens,
+                                max_seq=context_length(target))
             return checked, tensors["input_ids"].dtype, tensors["loss_mask"].dtype
 
         (ids, mask, loss), ids_dtype, loss_dtype = await run_in_threadpool(prepare)
         if mapping is None:
             raise ApiError(409, "no_vocab_mapping", "POST /set_vocab_mapping before /generate")
         job = Job(mode=NEMO_GENERATE.name, input_ids=ids, attention_mask=mask, loss_mask=loss, mapping=mapping)
-        res = await state.run(job)
-        # NeMo's in-process path shifts the tensors it was given, keeping their dtype.
-        res["input_ids"] = res["input_ids"].to(ids_dtype)
-        res["loss_mask"] = res["loss_mask"].to(loss_dtype)
-        data = await run_in_threadpool(nmet.encode, res)
+        held = await state.budget.acquire(answer_bytes(NEMO_GENERATE.name, ids, target,
+                                                       mapping=mapping))
+        try:
+            res = await state.run(job)
+            # NeMo's in-process path shifts the tensors it was given, keeping their dtype.
+            res["input_ids"] = res["input_ids"].to(ids_dtype)
+            res["loss_mask"] = res["loss_mask"].to(loss_dtype)
+            data = await run_in_threadpool(nmet.encode, res)
+        except BaseException:
+            state.budget.release(held)
+            raise
         state.metrics.tokens.labels("nemo").inc(job.real_tokens)
-        return Response(data, media_type=OCTET,
-                        headers={"X-Eagle3-Batch-Requests": str(job.batch_requests)})
+        return HeldResponse(data, lambda: state.budget.release(held), media_type=OCTET,
+                            headers={"X-Eagle3-Batch-Requests": str(job.batch_requests)})
 
     @app.post("/init_nccl")
     async def nemo_init_nccl(request: Request) -> JSONResponse:

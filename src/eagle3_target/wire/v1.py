@@ -34,6 +34,7 @@ __all__ = [
     "NEMO_GENERATE",
     "LM_HEAD_KEYS",
     "MAX_TOPK",
+    "BATCH_POLICIES",
     "OUTPUT_DTYPES",
     "INPUT_KEYS",
     "RESPONSE_KEYS",
@@ -50,6 +51,12 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_TOPK = 64
+
+# How a request may share the engine (query parameter ``batch``). A merged call pads
+# every row to the longest and changes the kernels' shapes, so its floats can differ
+# in the last bits from the same rows run alone; ``alone`` trades throughput for bytes
+# that depend on the request only (the dump asks for it: its resumes are byte-identical).
+BATCH_POLICIES = ("shared", "alone")
 
 
 @dataclass(frozen=True)
@@ -122,10 +129,16 @@ class SupervisionParams:
     mapping_id: str | None = None
     dtype: str = "auto"
     k: int | None = None
+    batch: str = "shared"
+    """``shared``: the server may merge the request with others into one engine call
+    (padded to the longest row); ``alone``: it runs in an engine call of its own, so
+    its bytes never depend on other traffic (:data:`BATCH_POLICIES`)."""
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_query(self) -> dict[str, str]:
         q = {"mode": self.mode}
+        if self.batch != "shared":
+            q["batch"] = self.batch
         if self.mapping_id is not None:
             q["mapping_id"] = self.mapping_id
         if self.dtype != "auto":
@@ -141,7 +154,7 @@ def _bad_param(name: str, detail: str) -> ApiError:
 
 def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
     """Checks the query of ``/v1/supervision``; unknown names are an error, not ignored."""
-    known = {"mode", "mapping_id", "dtype", "k"}
+    known = {"mode", "mapping_id", "dtype", "k", "batch"}
     unknown = sorted(set(query) - known)
     if unknown:
         raise _bad_param(unknown[0], f"unknown parameter (known: {', '.join(sorted(known))})")
@@ -176,7 +189,10 @@ def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
             raise _bad_param("k", f"got {k}, expected 1..{MAX_TOPK}")
     elif "k" in query:
         raise _bad_param("k", f"only used in topk mode, not in {mode} mode")
-    return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=dtype, k=k)
+    batch = query.get("batch", "shared")
+    if batch not in BATCH_POLICIES:
+        raise _bad_param("batch", f"got {batch[:64]!r}, expected one of {', '.join(BATCH_POLICIES)}")
+    return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=dtype, k=k, batch=batch)
 
 
 def response_spec(mode: str, *, rows: int, seq: int, info: Mapping[str, Any], dtype: str = "auto",
@@ -214,12 +230,14 @@ def check_inputs(
     vocab_size: int,
     need_loss_mask: bool,
     max_tokens: int,
+    max_seq: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Validates request tensors and returns ``(input_ids, attention_mask, loss_mask)``
     as ``[B,S] int64`` (loss_mask None where absent and not needed).
 
     Raises ApiError 422 naming the field (missing, unknown, dtype, shape, range, mask
-    values, empty rows), or 413 when ``B*S`` exceeds ``max_tokens``.
+    values, empty rows), or 413 when ``B*S`` exceeds ``max_tokens`` or ``S`` the model's
+    context ``max_seq``.
     """
     unknown = sorted(set(tensors) - set(INPUT_KEYS))
     if unknown:
@@ -250,6 +268,10 @@ def check_inputs(
         raise ApiError(413, "too_many_tokens",
                        f"input_ids: {b}x{s} = {b * s} tokens exceeds this server's limit of "
                        f"{max_tokens} tokens per request (split the batch)", field="input_ids")
+    if max_seq is not None and s > max_seq:
+        raise ApiError(413, "row_too_long",
+                       f"input_ids: rows of {s} tokens exceed the model's context of {max_seq} "
+                       "tokens (truncate or split the rows)", field="input_ids")
     ids = ids.to(torch.int64)
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
