@@ -113,3 +113,22 @@ def test_a_target_without_prenorm_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(ValueError, match="--with-prenorm: .*no final norm module"):
         _dump(tmp_path / "b", refusing, tok, data_file, mode="logits", with_prenorm=True)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("release", ["0.5.16", "0.5.23"])
+def test_sglang_engine_dump_with_prenorm_equals_the_hf_engines(monkeypatch, tmp_path, tiny_path, tiny_target, tok,
+                                                               data_file, release):
+    """Through the SGLang engine (its fakes, on CPU): the pre-norm state read off the final
+    norm's inputs, stored by the dump, equals the HF engine's hook on the last layer."""
+    from eagle3_target import Eagle3TargetModel
+    from sglang_helpers import TOL, use_fake
+
+    use_fake(monkeypatch, release)
+    with Eagle3TargetModel.from_pretrained(tiny_path, engine="sglang", dtype="float32") as t:
+        _dump(tmp_path / "d", t, tok, data_file, mode="hidden", with_prenorm=True, batch_tokens=300)
+    ds = Eagle3Dataset(tmp_path / "d")
+    for i in range(len(ds)):
+        s = ds.raw(i)
+        ids = s["input_ids"][None]
+        _, want = tiny_target.generate_prenorm(ids, torch.ones_like(ids), torch.ones_like(ids))
+        torch.testing.assert_close(s["final_prenorm"], want[0], **TOL)

@@ -195,3 +195,24 @@ def test_our_reader_reads_the_export_back_as_our_samples(exported, dump_dir):
         a, b = ours[i], back[i]
         for k in ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "final_prenorm"):
             assert torch.equal(a[k], b[k]), k
+
+
+def test_our_reader_refuses_mismatched_ids_and_unknown_folders(tmp_path, exported):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from eagle3_target.export import TrainerDataset
+
+    with pytest.raises(ValueError, match="neither a dump, a NeMo offline cache nor a speculators export"):
+        TrainerDataset(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    hs = copy / "hidden_states" / "hs_2.safetensors"
+    t = load_file(hs)
+    t["token_ids"] = t["token_ids"].flip(0)
+    save_file(t, hs)
+    back = TrainerDataset(copy)
+    back[1]
+    with pytest.raises(ValueError, match="hs_2.safetensors holds other token ids than row 2"):
+        back[2]

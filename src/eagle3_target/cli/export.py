@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eagle3_target.export import FORMATS
+from eagle3_target.export import FORMATS, NEMO_SHARD_SIZE
 
 __all__ = ["register", "run"]
 
@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "recomputes the pre-norm state from it for a dump without --with-prenorm")
     p.add_argument("--seq-length", type=int, default=None,
                    help="nemo: the length every sample is padded to (default: the dump's --max-length)")
-    p.add_argument("--shard-size", type=int, default=None, help="nemo: samples per shard (default 256)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"nemo: samples per shard (default {NEMO_SHARD_SIZE}; a shard is built in memory)")
     p.add_argument("--cache-dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="nemo: dtype of the float fields (default: the dump's)")
     p.add_argument("--trust-existing", action="store_true",

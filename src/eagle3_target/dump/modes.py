@@ -40,8 +40,9 @@ class TargetSource(Protocol):
     def close(self) -> None: ...
 
     # Optional: ``hidden_size``, ``vocab_size``, ``dtype`` (probed with a two-token forward
-    # when absent) and ``set_vocab_mapping(mapping)`` (then ``generate_batch`` may return
-    # ``target_probs``/``position_mask`` instead of ``logits`` in draft mode).
+    # when absent), ``set_vocab_mapping(mapping)`` (then ``generate_batch`` may return
+    # ``target_probs``/``position_mask`` instead of ``logits`` in draft mode) and
+    # ``generate_prenorm`` (``--with-prenorm``: ``Eagle3TargetModel.generate_prenorm``).
 
 
 @dataclass(frozen=True)

@@ -147,15 +147,28 @@ class Eagle3Dataset(Dataset):
                 raise ValueError(f"{self._files[s]}: unreadable ({e})") from None
         return h
 
-    def raw(self, i: int) -> dict[str, torch.Tensor]:
+    def length(self, i: int) -> int:
+        """Sample ``i``'s tokens (from the shard's offsets; no tensor is read)."""
+        if not 0 <= i < len(self._index):
+            raise IndexError(f"sample {i} out of range [0, {len(self._index)})")
+        _, s, j = self._index[i]
+        return int(self._offsets[s][j + 1] - self._offsets[s][j])
+
+    def raw(self, i: int, fields: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Sample ``i`` as stored: unshifted ``input_ids``/``loss_mask`` and the
-        per-token supervision fields."""
+        per-token supervision fields (only ``fields`` when given: the others are not read)."""
         if not 0 <= i < len(self._index):
             raise IndexError(f"sample {i} out of range [0, {len(self._index)})")
         _, s, j = self._index[i]
         a, b = (int(x) for x in self._offsets[s][j: j + 2])
         f = self._handle(s)
-        return {name: f.get_slice(name)[a:b] for name in f.keys() if name not in ("offsets", "row_index")}
+        names = [n for n in f.keys() if n not in ("offsets", "row_index")]
+        if fields is not None:
+            missing = sorted(set(fields) - set(names))
+            if missing:
+                raise KeyError(f"{self._files[s].name} has no field {missing}; it holds {names}")
+            names = [n for n in names if n in fields]
+        return {name: f.get_slice(name)[a:b] for name in names}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         raw = self.raw(i)

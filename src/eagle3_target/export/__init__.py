@@ -16,7 +16,13 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ExportFormat", "FORMATS", "export", "verify_export", "TrainerDataset"]
+__all__ = ["ExportFormat", "FORMATS", "NEMO_SHARD_SIZE", "export", "verify_export", "TrainerDataset"]
+
+NEMO_SHARD_SIZE = 64
+"""Samples per NeMo cache shard (``--shard-size``). NeMo's own producer takes 256; a shard
+is built in memory before it is written, and at the 8B shape a padded position costs
+88,601 bytes (bf16), so 256 samples of 2,048 positions would hold 46 GB: 64 hold
+11.6 GB. NeMo's reader takes any size."""
 
 
 @dataclass(frozen=True)

@@ -118,11 +118,13 @@ class ExportFiles:
             self.rewritten.append(name)
         return ok
 
-    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor],
+    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor | Sequence[torch.Tensor]],
                       metadata: dict[str, str] | None = None) -> None:
         """One safetensors file (the bytes ``safetensors.torch.save`` gives for these
-        tensors in this order), streamed and hashed in one pass."""
-        parts = {k: [v.detach().cpu().contiguous()] for k, v in tensors.items()}
+        tensors), streamed and hashed in one pass. A value may be a list of pieces, the
+        tensor being their concatenation along dim 0 (never built in memory)."""
+        parts = {k: [p.detach().cpu().contiguous() for p in (v if isinstance(v, (list, tuple)) else [v])]
+                 for k, v in tensors.items()}
         header, pieces = layout_pieces(parts, metadata)
         self._commit(name, lambda tmp: stream_to_file(tmp, header, pieces))
 

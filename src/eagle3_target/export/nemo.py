@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from eagle3_target.contract import shift_left_with_zero, zero_tail
+from eagle3_target.export import NEMO_SHARD_SIZE
 from eagle3_target.export.files import ExportFiles, ExportSummary, dump_identity
 from eagle3_target.export.source import DumpSource
 
@@ -45,7 +46,7 @@ EMBEDDINGS_FILE = "target_embeddings.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """NeMo's cache dtype names (its ``DTYPE_MAP``)."""
 _OURS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-_DEFAULT_SHARD_SIZE = 256  # NeMo's precompute default
+
 
 
 def shard_name(j: int) -> str:
@@ -72,7 +73,7 @@ def export_nemo(dump: str | Path, out: str | Path, *, vocab: str | None, model: 
     if s_len < longest:
         raise ValueError(f"--seq-length {s_len} is shorter than the longest sample ({longest} tokens); NeMo's "
                          f"cache pads every sample to one length: pass --seq-length {longest} or more")
-    shard_size = _DEFAULT_SHARD_SIZE if shard_size is None else shard_size
+    shard_size = NEMO_SHARD_SIZE if shard_size is None else shard_size
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size must be a positive integer, got {shard_size!r}")
     dtype = dtype or _OURS.get(cfg["dtype"], "fp32")
@@ -106,8 +107,8 @@ def export_nemo(dump: str | Path, out: str | Path, *, vocab: str | None, model: 
                 continue
             rows = [_sample(src.sample(i), s_len, pad_id, mapping, head, DTYPES[dtype])
                     for i in range(first, min(n, first + shard_size))]
-            stacked = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-            files.write_tensors(shard_name(j), stacked)
+            # [n,S,...] written as n pieces of [1,S,...]: the shard is never stacked in memory
+            files.write_tensors(shard_name(j), {k: [r[k][None] for r in rows] for k in rows[0]})
         if not files.done("manifest.json"):  # last: NeMo opens the cache by its manifest
             body = json.dumps({"format_version": NEMO_FORMAT_VERSION, **manifest}, indent=2, sort_keys=True)
             files.write_bytes("manifest.json", body.encode())

@@ -12,7 +12,7 @@ a dump written without ``--with-prenorm``, the final state before the final norm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -81,15 +81,16 @@ class DumpSource:
 
     def length(self, i: int) -> int:
         """Sample ``i``'s tokens (from the shard offsets; no tensor is read)."""
-        _, s, j = self.ds._index[i]
-        off = self.ds._offsets[s]
-        return int(off[j + 1] - off[j])
+        return self.ds.length(i)
 
-    def sample(self, i: int, *, prenorm: bool = False) -> dict[str, torch.Tensor]:
+    def sample(self, i: int, fields: Sequence[str] | None = None, *, prenorm: bool = False
+               ) -> dict[str, torch.Tensor]:
         """Sample ``i`` as stored (:meth:`Eagle3Dataset.raw`: ``input_ids``/``loss_mask``
-        unshifted, the mode's fields); with ``prenorm``, ``final_prenorm [L,H]`` from the
-        dump or recomputed from ``--model``."""
-        raw = self.ds.raw(i)
+        unshifted, the mode's fields; only ``fields`` when given); with ``prenorm``,
+        ``final_prenorm [L,H]`` from the dump or recomputed from ``--model``."""
+        if fields is not None and prenorm and not self.prenorm_stored:
+            fields = [f for f in fields if f != "final_prenorm"]
+        raw = self.ds.raw(i, fields)
         if prenorm and "final_prenorm" not in raw:
             ids = raw["input_ids"][None].to(torch.int64)
             ones = torch.ones_like(ids)

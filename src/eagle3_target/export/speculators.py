@@ -80,7 +80,7 @@ def export_speculators(dump: str | Path, out: str | Path, *, vocab: str | None =
         for i in range(n):
             if files.done(hs_name(i)):
                 continue
-            raw = src.sample(i, prenorm=True)
+            raw = src.sample(i, ("input_ids", "aux_hidden_states", "final_prenorm"), prenorm=True)
             s, h = raw["input_ids"].shape[0], cfg["hidden_size"]
             # [S,3H] aux then [S,H] pre-norm -> [S,4,H]: the trainer splits [:, :-1] and [:, -1]
             hs = torch.cat((raw["aux_hidden_states"].reshape(s, 3, h), raw["final_prenorm"].reshape(s, 1, h)), 1)
@@ -117,7 +117,7 @@ def _write_dataset(files: ExportFiles, src: DumpSource) -> None:
 
     ids, masks, lens = [], [], []
     for i in range(len(src)):
-        raw = src.sample(i, prenorm=False)
+        raw = src.sample(i, ("input_ids", "loss_mask"))
         ids.append(raw["input_ids"].to(torch.int64).numpy())
         masks.append(raw["loss_mask"].to(torch.int64).numpy())
         lens.append(ids[-1].shape[0])
