@@ -211,3 +211,30 @@ def test_reasoning_is_split_where_the_template_opens_thinking(tok, tiny_path, tm
                    log=lambda s: None)
     (row,) = read_shard(tmp_path / "out" / "regen-00000.jsonl")
     assert "reasoning_content" in row["messages"][-1]
+
+
+def test_parquet_shards_keep_fields_only_some_rows_have_and_go_through_dump(tmp_path, gen, tiny_path):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    rows = sample_rows(3)
+    rows[1]["tools"] = tools  # only a later row: a schema from the first row alone would drop it
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    run_regenerate(cfg(tmp_path, [data], output_format="parquet"), generator=gen, log=lambda s: None)
+    shard = tmp_path / "out" / "regen-00000.parquet"
+    got = read_shard(shard)
+    assert [r.get("tools") for r in got] == [None, tools, None]
+    run_regenerate(cfg(tmp_path, [data], out=str(tmp_path / "j")), generator=gen, log=lambda s: None)
+    assert got == read_shard(tmp_path / "j" / "regen-00000.jsonl")
+    from eagle3_target.cli import main
+
+    assert main(["dump", "--model", tiny_path, "--data", str(shard), "--out", str(tmp_path / "d"), "--device", "cpu",
+                 "--no-progress", "--strict"]) == 0
+
+
+def test_parquet_refuses_rows_it_cannot_hold(tmp_path):
+    from eagle3_target.regen.output import write_shard
+
+    rows = [{"messages": [], "tools": [{"parameters": {"type": "object"}}]},
+            {"messages": [], "tools": [{"parameters": "not an object"}]}]
+    with pytest.raises(ValueError, match="--format parquet cannot hold these rows .*use --format jsonl"):
+        write_shard(tmp_path / "x.parquet", rows, "parquet")
+    assert not list(tmp_path.iterdir())
