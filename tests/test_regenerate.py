@@ -238,3 +238,21 @@ def test_parquet_refuses_rows_it_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="--format parquet cannot hold these rows .*use --format jsonl"):
         write_shard(tmp_path / "x.parquet", rows, "parquet")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "2"], "--samples 2 with greedy decoding would write 2 copies of one answer; set --temperature"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--chat-template-kwarg", "enable_thinking"], "--chat-template-kwarg 'enable_thinking': expected KEY=VALUE"),
+    (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
+    (["--server", "localhost:1"], "--server 'localhost:1': expected an http:// or https:// URL"),
+])
+def test_bad_settings_fail_in_one_line_and_change_nothing(tmp_path, capsys, args, message):
+    from eagle3_target.cli import main
+
+    out = tmp_path / "out"
+    assert main(["regenerate", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"eagle3-target regenerate: error: {message}")
+    assert not out.exists()

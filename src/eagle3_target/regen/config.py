@@ -93,6 +93,9 @@ class RegenConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
         if not self.temperature >= 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature!r}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"--samples {self.samples} with greedy decoding would write {self.samples} copies of "
+                             f"one answer; set --temperature (and --top-p) to sample")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p!r}")
         if self.retries < 0 or not self.timeout > 0:
