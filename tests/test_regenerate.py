@@ -256,3 +256,13 @@ def test_bad_settings_fail_in_one_line_and_change_nothing(tmp_path, capsys, args
     (line,) = err.strip().splitlines()
     assert line.startswith(f"eagle3-target regenerate: error: {message}")
     assert not out.exists()
+
+
+def test_progress_bar_shows_rows_and_generated_tokens_per_second(tmp_path, capsys):
+    from eagle3_target.cli import main
+
+    data = write_rows(tmp_path / "c.jsonl", sample_rows(2))
+    assert main(["regenerate", "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--max-new-tokens", "4", "--keep-length", "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "regenerate:" in err and "2/2" in err and "row/s" in err and "2 answers" in err and "gen tok/s" in err
