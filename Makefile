@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml Makefile
 # its full dependency set is a training stack; the import chain the tests use needs
 # only what the test extras add (pillow, requests).
 	$(BIN)/python -m pip install -q --no-deps "nemo-automodel==0.7.0"
+# speculators' offline reader (ArrowDataset) and hs-connectors' FileTransfer, for the
+# export tests. --no-deps: their pins (datasets<=5.1, transformers<=5.19, torchvision,
+# torchaudio) would replace our stack; the import chain the tests use
+# (speculators.train.data, speculators.models.eagle3) needs only openai beyond it, which
+# the test extras pin.
+	$(BIN)/python -m pip install -q --no-deps "speculators==0.9.0" "hs-connectors==0.9.0"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -82,8 +82,9 @@ ONE_WAY = {
     "engines": ("server", "client", "dump", "cli", "data"),
     "data": ("server", "client", "dump", "engines", "cli", "wire", "contract"),
     "server": ("client", "dump", "cli", "data"),
-    "dump": ("server", "cli"),
-    "regen": ("server", "client", "cli"),
+    "dump": ("server", "cli", "export", "regen"),
+    "export": ("server", "client", "cli", "regen"),
+    "regen": ("server", "client", "cli", "export"),
 }
 
 

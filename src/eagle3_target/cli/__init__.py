@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "eagle3_target.cli.vocab",
     "eagle3_target.cli.dump",
     "eagle3_target.cli.verify",
+    "eagle3_target.cli.export",
 ]
 
 

@@ -61,7 +61,7 @@ LM_HEAD_FILE = "lm_head.safetensors"
 
 def expected_fields(config: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
     """Per-token tensors of a shard of this configuration: name -> (dtype name, width or
-    None for 1-D), from the mode table."""
+    None for 1-D), from the mode table (and ``final_prenorm`` when it was asked for)."""
     return MODES[config["mode"]].expected(config)
 
 
