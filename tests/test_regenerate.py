@@ -266,3 +266,11 @@ def test_progress_bar_shows_rows_and_generated_tokens_per_second(tmp_path, capsy
                  "--max-new-tokens", "4", "--keep-length", "--progress"]) == 0
     err = capsys.readouterr().err
     assert "regenerate:" in err and "2/2" in err and "row/s" in err and "2 answers" in err and "gen tok/s" in err
+
+
+def test_rows_the_reader_refuses_keep_its_reason(tmp_path, gen):
+    data = tmp_path / "c.jsonl"
+    data.write_bytes(json.dumps(sample_rows(1)[0]).encode() + b"\n" + b'{"messages": "\xff"}\n')
+    s = run_regenerate(cfg(tmp_path, [data]), generator=gen, log=lambda s: None)
+    assert s.rows_written == 1 and s.skipped["malformed"] == {"invalid UTF-8": 1}
+    assert s.examples["malformed"][0]["where"] == "c.jsonl:2"
