@@ -270,7 +270,9 @@ def test_progress_bar_shows_rows_and_generated_tokens_per_second(tmp_path, capsy
 
 def test_rows_the_reader_refuses_keep_its_reason(tmp_path, gen):
     data = tmp_path / "c.jsonl"
-    data.write_bytes(json.dumps(sample_rows(1)[0]).encode() + b"\n" + b'{"messages": "\xff"}\n')
-    s = run_regenerate(cfg(tmp_path, [data]), generator=gen, log=lambda s: None)
-    assert s.rows_written == 1 and s.skipped["malformed"] == {"invalid UTF-8": 1}
-    assert s.examples["malformed"][0]["where"] == "c.jsonl:2"
+    big = {"messages": [{"role": "user", "content": "x" * 3000}]}
+    data.write_bytes(json.dumps(sample_rows(1)[0]).encode() + b"\n" + b'{"messages": "\xff"}\n'
+                     + json.dumps(big).encode() + b"\n")
+    s = run_regenerate(cfg(tmp_path, [data], max_row_mb=2 / 1024), generator=gen, log=lambda s: None)
+    assert s.rows_written == 1 and s.skipped["malformed"] == {"invalid UTF-8": 1, "row too large": 1}
+    assert [e["where"] for e in s.examples["malformed"]] == ["c.jsonl:2", "c.jsonl:3"]
