@@ -211,3 +211,68 @@ def test_reasoning_is_split_where_the_template_opens_thinking(tok, tiny_path, tm
                    log=lambda s: None)
     (row,) = read_shard(tmp_path / "out" / "regen-00000.jsonl")
     assert "reasoning_content" in row["messages"][-1]
+
+
+def test_parquet_shards_keep_fields_only_some_rows_have_and_go_through_dump(tmp_path, gen, tiny_path):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    rows = sample_rows(3)
+    rows[1]["tools"] = tools  # only a later row: a schema from the first row alone would drop it
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    run_regenerate(cfg(tmp_path, [data], output_format="parquet"), generator=gen, log=lambda s: None)
+    shard = tmp_path / "out" / "regen-00000.parquet"
+    got = read_shard(shard)
+    assert [r.get("tools") for r in got] == [None, tools, None]
+    run_regenerate(cfg(tmp_path, [data], out=str(tmp_path / "j")), generator=gen, log=lambda s: None)
+    assert got == read_shard(tmp_path / "j" / "regen-00000.jsonl")
+    from eagle3_target.cli import main
+
+    assert main(["dump", "--model", tiny_path, "--data", str(shard), "--out", str(tmp_path / "d"), "--device", "cpu",
+                 "--no-progress", "--strict"]) == 0
+
+
+def test_parquet_refuses_rows_it_cannot_hold(tmp_path):
+    from eagle3_target.regen.output import write_shard
+
+    rows = [{"messages": [], "tools": [{"parameters": {"type": "object"}}]},
+            {"messages": [], "tools": [{"parameters": "not an object"}]}]
+    with pytest.raises(ValueError, match="--format parquet cannot hold these rows .*use --format jsonl"):
+        write_shard(tmp_path / "x.parquet", rows, "parquet")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "2"], "--samples 2 with greedy decoding would write 2 copies of one answer; set --temperature"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--chat-template-kwarg", "enable_thinking"], "--chat-template-kwarg 'enable_thinking': expected KEY=VALUE"),
+    (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
+    (["--server", "localhost:1"], "--server 'localhost:1': expected an http:// or https:// URL"),
+])
+def test_bad_settings_fail_in_one_line_and_change_nothing(tmp_path, capsys, args, message):
+    from eagle3_target.cli import main
+
+    out = tmp_path / "out"
+    assert main(["regenerate", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"eagle3-target regenerate: error: {message}")
+    assert not out.exists()
+
+
+def test_progress_bar_shows_rows_and_generated_tokens_per_second(tmp_path, capsys):
+    from eagle3_target.cli import main
+
+    data = write_rows(tmp_path / "c.jsonl", sample_rows(2))
+    assert main(["regenerate", "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--max-new-tokens", "4", "--keep-length", "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "regenerate:" in err and "2/2" in err and "row/s" in err and "2 answers" in err and "gen tok/s" in err
+
+
+def test_rows_the_reader_refuses_keep_its_reason(tmp_path, gen):
+    data = tmp_path / "c.jsonl"
+    big = {"messages": [{"role": "user", "content": "x" * 3000}]}
+    data.write_bytes(json.dumps(sample_rows(1)[0]).encode() + b"\n" + b'{"messages": "\xff"}\n'
+                     + json.dumps(big).encode() + b"\n")
+    s = run_regenerate(cfg(tmp_path, [data], max_row_mb=2 / 1024), generator=gen, log=lambda s: None)
+    assert s.rows_written == 1 and s.skipped["malformed"] == {"invalid UTF-8": 1, "row too large": 1}
+    assert [e["where"] for e in s.examples["malformed"]] == ["c.jsonl:2", "c.jsonl:3"]

@@ -35,8 +35,8 @@ def free_port() -> int:
 class VLLMServer:
     """``python -m vllm.entrypoints.openai.api_server`` in its own process group."""
 
-    def __init__(self, model: str, port: int, log: Path):
-        self.model, self.port, self.log = model, port, log
+    def __init__(self, model: str, port: int, log: Path, *extra: str):
+        self.model, self.port, self.log, self.extra = model, port, log, list(extra)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -52,14 +52,15 @@ class VLLMServer:
                "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
             [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--dtype", "float32",
-             "--enforce-eager", "--host", "127.0.0.1", "--port", str(self.port), "--max-num-seqs", "8"],
+             "--enforce-eager", "--host", "127.0.0.1", "--port", str(self.port), "--max-num-seqs", "8",
+             *self.extra],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"vLLM exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code in (200, 401):
                     return
             except httpx.TransportError:
                 pass
@@ -202,3 +203,27 @@ def test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing(tmp_pa
     assert [r["source"]["row"] for r in rows] == list(range(24))
     valid = [i for i, r in enumerate(ref_rows) if "\ufffd" not in r["messages"][-1]["content"]]
     assert len(valid) >= 12 and [rows[i] for i in valid] == [ref_rows[i] for i in valid]
+
+
+def test_token_from_the_flag_or_the_environment(tmp_path, peaked_model):
+    secret = "s3cret-" + str(os.getpid())
+    s = VLLMServer(peaked_model, free_port(), tmp_path / "vllm-auth.log", "--api-key", secret)
+    s.start()
+    try:
+        data = data_file(tmp_path, 2)
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "EAGLE3_TARGET_TOKEN")}
+        common = ["--server", s.url, "--data", str(data), "--max-new-tokens", "8", "--retries", "0"]
+        no = subprocess.run(cli(*common, "--out", str(tmp_path / "no")), capture_output=True, text=True,
+                            env=env, timeout=300)
+        assert no.returncode == 2
+        assert "HTTP 401: the server refused the token (pass --token or set $OPENAI_API_KEY)" in no.stderr
+        assert len(no.stderr.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+        flag = subprocess.run(cli(*common, "--token", secret, "--out", str(tmp_path / "flag")), capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert flag.returncode == 0, flag.stderr
+        viaenv = subprocess.run(cli(*common, "--out", str(tmp_path / "env")), capture_output=True, text=True,
+                                env={**env, "OPENAI_API_KEY": secret}, timeout=300)
+        assert viaenv.returncode == 0, viaenv.stderr
+        assert shards(tmp_path / "flag") == shards(tmp_path / "env") and len(rows_of(tmp_path / "env")) == 2
+    finally:
+        s.kill()

@@ -83,7 +83,8 @@ def check(args: argparse.Namespace) -> dict:
         if ta != tb:
             ia, ib = tok.encode(ta, add_special_tokens=False), tok.encode(tb, add_special_tokens=False)
             first = next((k for k, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
-            mismatches.append({"row": a["source"]["row"], "first_diff_token": first, "sglang": ta[:200], "hf": tb[:200]})
+            mismatches.append({"row": a["source"]["row"], "first_diff_token": first, "sglang": ta[:200],
+                               "hf": tb[:200]})
     return {"stage": "check", "rows": len(rows["hf"]), "equal": len(rows["hf"]) - len(mismatches),
             "pass": not mismatches and len(rows["hf"]) == args.rows, "mismatches": mismatches[:10]}
 

@@ -46,7 +46,8 @@ def config_from_args(args: argparse.Namespace) -> RegenConfig:
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         chat_template_kwargs=parse_template_kwargs(args.chat_template_kwarg), max_context=args.max_context,
         keep_length=args.keep_length, batch_size=args.batch_size, shard_rows=args.shard_rows,
-        output_format=args.format, strict=args.strict, timeout=args.timeout, retries=args.retries,
+        output_format=args.format, max_row_mb=args.max_row_mb, strict=args.strict, timeout=args.timeout,
+        retries=args.retries,
         token=token, progress=args.progress)
 
 
@@ -110,6 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts generated together (in process) or requests in flight (--server)")
     p.add_argument("--shard-rows", type=int, default=default("shard_rows"), help="input rows per output shard")
     p.add_argument("--format", default=default("output_format"), choices=OUTPUT_FORMATS, help="shard format")
+    p.add_argument("--max-row-mb", type=float, default=default("max_row_mb"),
+                   help="skip (and count) JSONL rows longer than this many MiB")
     p.add_argument("--strict", action="store_true", help="fail on any row that would be skipped")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eagle3_target.data.rows import sample_data_path
+from eagle3_target.data.rows import MAX_ROW_BYTES, sample_data_path
 
 __all__ = ["RegenConfig", "TURNS", "OUTPUT_FORMATS", "ENGINES", "default", "row_seed", "MANIFEST"]
 
@@ -66,6 +66,8 @@ class RegenConfig:
     shard_rows: int = 1000
     """Input rows per output shard."""
     output_format: str = "jsonl"
+    max_row_mb: float = MAX_ROW_BYTES / 2**20
+    """The largest JSONL row read (MiB); a longer one is skipped with its size (the dump's rule)."""
     strict: bool = False
     """Fail on any row that would be skipped (malformed, over the context, cut by the length limit)."""
     timeout: float = 600.0
@@ -93,8 +95,14 @@ class RegenConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
         if not self.temperature >= 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature!r}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"--samples {self.samples} with greedy decoding would write {self.samples} copies of "
+                             f"one answer; set --temperature (and --top-p) to sample")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.max_row_mb, bool) or not isinstance(self.max_row_mb, (int, float)) \
+                or not self.max_row_mb * 2**20 >= 1:
+            raise ValueError(f"--max-row-mb must be positive, got {self.max_row_mb!r}")
         if self.retries < 0 or not self.timeout > 0:
             raise ValueError("--retries must be >= 0 and --timeout > 0")
         if self.max_context is not None and self.max_context < 2:
@@ -103,6 +111,10 @@ class RegenConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def max_row_bytes(self) -> int:
+        return int(self.max_row_mb * 2**20)
 
     def manifest_path(self) -> Path:
         return Path(self.out) / MANIFEST

@@ -182,7 +182,7 @@ def _config_record(cfg: RegenConfig, data: list[Path], generator: Generator, tok
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "turns": cfg.turns, "samples": cfg.samples, "seed": cfg.seed, "sampling": cfg.sampling(),
         "chat_template_kwargs": cfg.chat_template_kwargs, "max_context": context, "keep_length": cfg.keep_length,
-        "shard_rows": cfg.shard_rows, "output_format": cfg.output_format,
+        "shard_rows": cfg.shard_rows, "output_format": cfg.output_format, "max_row_mb": cfg.max_row_mb,
         # Batch composition changes a local engine's padding, and so its rounding.
         "batch_size": cfg.batch_size if local else None,
         "dtype": cfg.dtype if local else None,
@@ -208,7 +208,7 @@ def _over_context(n_prompt: int, cfg: RegenConfig, context: int | None) -> str |
 def _strict_scan(cfg: RegenConfig, data: list[Path], renderer: PromptRenderer | None, context: int | None) -> None:
     """--strict: every row parses and its first prompt fits, or nothing is generated."""
     report = _new_report()
-    for raw in iter_raw_rows(data):
+    for raw in iter_raw_rows(data, max_row_bytes=cfg.max_row_bytes):
         item = conversation_from_row(raw, cfg.turns)
         if isinstance(item, Conversation) and renderer is not None:
             try:
@@ -287,7 +287,7 @@ class _Job:
         cfg = self.cfg
         start, end = k * cfg.shard_rows, min((k + 1) * cfg.shard_rows, self.total)
         items: list[Skipped | Trajectory] = []
-        for raw in iter_raw_rows(self.data, start=start):
+        for raw in iter_raw_rows(self.data, start=start, max_row_bytes=cfg.max_row_bytes):
             if raw.index >= end:
                 break
             conv = conversation_from_row(raw, cfg.turns)

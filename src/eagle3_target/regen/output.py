@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from eagle3_target.dump.format import json_bytes, sha256_file, write_atomic
 
-__all__ = ["FORMAT", "shard_bytes", "write_shard", "read_shard", "check_shard", "read_manifest",
+__all__ = ["FORMAT", "drop_nulls", "shard_bytes", "write_shard", "read_shard", "check_shard", "read_manifest",
            "write_manifest"]
 
 FORMAT = "eagle3-regen-v1"
@@ -35,13 +35,34 @@ def _jsonl(rows: Sequence[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
 
 
+def drop_nulls(value: Any) -> Any:
+    """``value`` with every null-valued dict key removed (recursively): how a Parquet
+    shard's rows read back, since Parquet's one schema gives absent keys as nulls."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
 def _parquet(rows: Sequence[dict[str, Any]]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # Absent keys (``reasoning_content`` on some messages, ``tools`` on some rows)
-    # become nulls in Parquet's one schema; readers of this package drop them again.
-    table = pa.Table.from_pylist(list(rows)) if rows else pa.table({"messages": pa.array([], pa.null())})
+    # One schema from every row (``from_pylist`` would take the first row's keys and
+    # silently drop ``tools`` or ``reasoning_content`` that only later rows have).
+    # Absent keys become nulls; the rows must read back the same, or nothing is written.
+    why = None
+    try:
+        table = (pa.Table.from_struct_array(pa.array(list(rows))) if rows
+                 else pa.table({"messages": pa.array([], pa.null())}))
+        if drop_nulls(table.to_pylist()) != drop_nulls(list(rows)):
+            why = "they do not read back the same"
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        why = str(e).splitlines()[0]
+    if why is not None:
+        raise ValueError(f"--format parquet cannot hold these rows ({why}: rows of one shard differ in the "
+                         f"types of a field, tool schemas say); use --format jsonl")
     buf = io.BytesIO()
     # No creation time or library version in the file: the bytes depend on the rows only.
     pq.write_table(table, buf, compression="zstd", write_statistics=False, store_schema=True)
@@ -63,12 +84,12 @@ def write_shard(path: Path, rows: Sequence[dict[str, Any]], output_format: str) 
 
 
 def read_shard(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a shard (JSONL or Parquet)."""
+    """The rows of a shard (JSONL or Parquet; Parquet's nulls dropped, see :func:`drop_nulls`)."""
     path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return drop_nulls(pq.read_table(path).to_pylist())
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

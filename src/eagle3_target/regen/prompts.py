@@ -158,7 +158,7 @@ def conversation_from_row(raw: RawRow, turns: str) -> Conversation | Skipped:
     """A raw row -> the :class:`Conversation` to answer, or a :class:`Skipped` (kind
     ``malformed``) saying why not."""
     if raw.error is not None:
-        return Skipped(raw.index, raw.where, MALFORMED, "not JSON", raw.error)
+        return Skipped(raw.index, raw.where, MALFORMED, raw.reason, raw.error)
     try:
         messages, tools = row_to_messages(raw.value)
         slots = _slots(messages, turns)

@@ -26,6 +26,8 @@ __all__ = ["ChatServerGenerator", "api_base", "RETRY_STATUS", "BACKOFF_CAP_S"]
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """Statuses retried: a server restarting, overloaded or behind a proxy that timed out."""
 BACKOFF_CAP_S = 30.0
+# Finish reasons of a whole answer: an end of turn or stop string, the length limit, a tool call.
+_FINISHED = ("stop", "length", "tool_calls", "function_call", "eos_token", "stop_sequence")
 _FATAL = {401: "the server refused the token (pass --token or set $OPENAI_API_KEY)",
           403: "the server refused the token (pass --token or set $OPENAI_API_KEY)",
           404: "the server has no such endpoint or model (check --server and --served-model)"}
@@ -134,9 +136,12 @@ class ChatServerGenerator:
         except (KeyError, IndexError, TypeError):
             raise RemoteTargetError(f"{self.base}/chat/completions: an answer without choices[0].message",
                                     url=self.base) from None
+        reason = str(choice.get("finish_reason") or "stop")
+        if reason not in _FINISHED:  # "abort" and the like: the server gave up on this prompt
+            return Answer("", "refused", 0, refused=f"finish_reason {reason!r}")
         usage = out.get("usage") or {}
         reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        answer = Answer(msg.get("content") or "", str(choice.get("finish_reason") or "stop"),
+        answer = Answer(msg.get("content") or "", reason,
                         int(usage.get("completion_tokens") or 0), reasoning if reasoning else None,
                         usage.get("prompt_tokens"))
         if msg.get("tool_calls"):
