@@ -1168,8 +1168,41 @@ def offline_engine(model_path: str, *, dtype: str | None = None, tp_size: int = 
     _tolerate_duplicate_config_registration()
     import sglang
 
-    return sglang.Engine(model_path=model_path, dtype=dtype or "auto", tp_size=tp_size,
+    return _start_engine(sglang.Engine, model_path=model_path, dtype=dtype or "auto", tp_size=tp_size,
                          skip_tokenizer_init=True, **server_args)
+
+
+def _start_engine(engine_cls: Any, **kwargs: Any) -> Any:
+    """``engine_cls(**kwargs)``; a scheduler that dies while starting becomes an error
+    that names the likeliest cause. The Engine starts its scheduler in a fresh interpreter,
+    where the in-process tolerance of duplicate config names above does not reach: there a
+    transformers newer than the one sglang pins stops the import."""
+    try:
+        return engine_cls(**kwargs)
+    except RuntimeError as e:
+        if "scheduler died" not in str(e):
+            raise
+        pin = _required_version("sglang", "transformers")
+        have = _installed_version("transformers")
+        hint = (f"; sglang {_installed_version('sglang')} asks for transformers {pin} and this "
+                f"environment has {have}: if its log above says a name 'is already used by a "
+                f"Transformers config', install transformers{pin}") if pin else ""
+        raise SGLangUnavailableError(f"SGLang's Engine could not start its scheduler ({e}){hint}") from None
+
+
+def _required_version(package: str, dependency: str) -> str | None:
+    """The version specifier ``package``'s metadata gives ``dependency`` (``==4.57.1``), or None."""
+    from importlib import metadata
+
+    try:
+        reqs = metadata.requires(package) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for r in reqs:
+        m = re.match(rf"{re.escape(dependency)}\s*([=<>!~][^;]*)", r.split(";")[0].strip())
+        if m:
+            return m.group(1).strip().replace(" ", "")
+    return None
 
 
 def offline_seed_field() -> str | None:
