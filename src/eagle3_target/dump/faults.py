@@ -1,6 +1,8 @@
 """Fault injection for the resume tests: ``EAGLE3_TARGET_DUMP_KILL_AT=name:n`` kills the
 dump's process with SIGKILL the n-th time it passes the point ``name``
-(``batch_done``, ``shard_written``, ``shard_renamed``, ``manifest_written``).
+(``batch_done``, ``shard_written``, ``shard_renamed``, ``manifest_written``; an export's
+``export_file_written``, ``export_file_renamed``; regenerate's ``regen_round_done``,
+``regen_shard_renamed``, ``regen_manifest_written``).
 
 Unset (every user's case), a point costs one environment lookup.
 """
