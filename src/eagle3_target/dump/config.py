@@ -39,6 +39,8 @@ class DumpConfig:
     """Server URLs: run the target remotely through ``eagle3_target.client.RemoteTarget``."""
     tokenizer: str | None = None
     """Tokenizer folder when it differs from ``model``."""
+    token_file: str | None = None
+    """With ``server``: a file whose first line is the access token (else ``$EAGLE3_TARGET_TOKEN``)."""
     device: str | None = None
     dtype: str | None = None
     aux_layer_ids: list[int] | None = None
