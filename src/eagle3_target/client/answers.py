@@ -18,7 +18,24 @@ from eagle3_target.errors import RemoteTargetError, SafetensorsFormatError
 from eagle3_target.wire.st_stream import decode_buffer
 from eagle3_target.wire.v1 import LM_HEAD_KEYS, MODES
 
-__all__ = ["error_from", "bad_response", "decode_tensors", "check_outputs", "lm_head_from"]
+__all__ = ["error_from", "bad_response", "decode_tensors", "check_outputs", "lm_head_from", "identity_diff",
+           "IDENTITY_KEYS", "SHAPE_KEYS"]
+
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
+IDENTITY_KEYS = ("model_sha256", "tokenizer_sha256")
+"""What ``/v1/model_info`` says a target is: its shapes and aux ids, and fingerprints of
+its weights and tokenizer (compared when both servers report them: the same shapes can
+be two different models)."""
+
+
+def identity_diff(ours: Mapping, theirs: Mapping) -> list[str]:
+    """``"key: A vs B"`` for each way two ``/v1/model_info`` answers are different targets."""
+    out = [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in SHAPE_KEYS if theirs.get(k) != ours.get(k)]
+    for k in IDENTITY_KEYS:
+        a, b = theirs.get(k), ours.get(k)
+        if a is not None and b is not None and a != b:
+            out.append(f"{k}: {a[:12]}... vs {b[:12]}...")
+    return out
 
 
 def error_from(resp: Reply) -> RemoteTargetError:

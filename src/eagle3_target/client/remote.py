@@ -51,7 +51,7 @@ from eagle3_target.contract import (
     validate_batch_inputs,
     zero_tail,
 )
-from eagle3_target.client.answers import check_outputs, decode_tensors, error_from, lm_head_from
+from eagle3_target.client.answers import check_outputs, decode_tensors, error_from, identity_diff, lm_head_from
 from eagle3_target.client.failover import Server, Servers
 from eagle3_target.client.http_pool import Reply
 from eagle3_target.errors import RemoteTargetError, RemoteTargetUnavailable, TransportError
@@ -187,11 +187,10 @@ class RemoteTarget:
                 raise TransportError(f"{srv.url} answered {resp.status_code}")
             raise error_from(resp)
         theirs = resp.json()
-        keys = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
-        if any(theirs.get(k) != info.get(k) for k in keys):
-            raise RemoteTargetError(
-                f"{srv.url} serves a different model: {({k: theirs.get(k) for k in keys})} vs "
-                f"{({k: info.get(k) for k in keys})}")
+        diff = identity_diff(info, theirs)
+        if diff:
+            raise RemoteTargetError(f"{srv.url} serves a different model than {self.urls[0]}: "
+                                    f"{'; '.join(diff)}; give RemoteTarget servers of one model only")
         srv.verified = True
 
     def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
