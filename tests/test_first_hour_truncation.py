@@ -46,6 +46,15 @@ def test_the_default_is_stated_in_help_and_docs():
         assert f"default {MAX_LENGTH}" in " ".join(r.stdout.split()), cmd
     docs = (Path(__file__).resolve().parent.parent / "docs" / "dump.md").read_text()
     assert f"the default is {MAX_LENGTH}" in docs and f"{TRUNCATION_WARN_SHARE:.0%}" in docs
+    # Every default that changes what a dump stores, in --help and in the docs.
+    from eagle3_target.dump.config import default
+
+    helptext = " ".join(run_cli("dump", "--help").stdout.split())
+    flat_docs = " ".join(docs.split())
+    for name in ("mode", "max_length", "batch_tokens", "shard_size_mb", "num_shards", "shard_index"):
+        value = f"{default(name):g}" if isinstance(default(name), float) else str(default(name))
+        assert f"default {value}" in helptext, name
+        assert f"--{name.replace('_', '-')} {value}" in flat_docs, name
 
 
 @pytest.mark.parametrize("render", ["thread", "process"])

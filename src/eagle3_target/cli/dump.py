@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chat files, .jsonl or .parquet (default: the bundled sample chats)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mode", default=default("mode"), choices=list(MODES),
-                   help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()))
+                   help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()) + f" (default {default('mode')})")
     p.add_argument("--vocab", default=None, help="draft vocab mapping (required for --mode draft)")
     p.add_argument("--max-length", type=int, default=default("max_length"),
                    help=f"keep the first N tokens of each rendered chat (default {default('max_length')}; "
@@ -88,12 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{TRUNCATION_WARN_SHARE:.0%} and an error under --strict")
     p.add_argument("--mask-reasoning", action="store_true", help="leave <think> text out of the loss mask")
     p.add_argument("--batch-tokens", type=int, default=default("batch_tokens"),
-                   help="padded tokens per target forward")
+                   help=f"padded tokens per target forward (default {default('batch_tokens')})")
     p.add_argument("--shard-size-mb", type=float, default=default("shard_size_mb"),
-                   help="close a shard after this many MiB")
-    p.add_argument("--num-shards", type=int, default=default("num_shards"), help="number of independent workers")
+                   help=f"close a shard after this many MiB (default {default('shard_size_mb'):g})")
+    p.add_argument("--num-shards", type=int, default=default("num_shards"), help=f"number of independent workers (default {default('num_shards')})")
     p.add_argument("--shard-index", type=int, default=default("shard_index"),
-                   help="this worker (rows r with r %% K == i)")
+                   help=f"this worker (rows r with r %% K == i; default {default('shard_index')})")
     p.add_argument("--strict", action="store_true",
                    help="fail before writing on any malformed, unsupervised or truncated row")
     p.add_argument("--trust-existing", action="store_true",
