@@ -154,7 +154,13 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
     if source is None and not cfg.server:  # before minutes of loading: the config says the size
         from eagle3_target.data.draft_vocab import target_vocab_size
 
-        tokenizers.check_tokenizer_fits(tokenizer, target_vocab_size(resolve_model(cfg.model)))
+        model_dir = resolve_model(cfg.model)
+        try:
+            v_config = target_vocab_size(model_dir)
+        except (OSError, ValueError, KeyError, AttributeError):  # a config only remote code reads: after the load
+            v_config = None
+        if v_config is not None:
+            tokenizers.check_tokenizer_fits(tokenizer, v_config)
     mapping = None
     if cfg.vocab:
         if not Path(cfg.vocab).is_file():
