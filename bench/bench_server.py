@@ -90,7 +90,7 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
                 rt = clients[mode] = RemoteTarget(url, token=token, mode=mode,
                                                   device=args.client_device,
                                                   dtype=args.wire_dtype, topk=args.topk,
-                                                  timeout=600,
+                                                  timeout=600, batch=args.batch_policy,
                                                   max_in_flight=max(2, *args.prefetch))
                 if mode == "draft" or (mode == "hidden" and args.hidden_form == "draft"):
                     rt.set_vocab_mapping(torch.tensor(mapping_ids))
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="medians over this many repeats")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="alternate in-process and server runs (default: on CPU only)")
+    p.add_argument("--batch-policy", default="shared", choices=["shared", "alone"],
+                   help="the requests' batch parameter: alone = never merged with another "
+                        "client's (what dump --server sends)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     args.client_device = args.client_device or args.device
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"model {model} | engine {args.engine} | device {args.device} ({dev}) | "
-          f"wire dtype {args.wire_dtype} | {args.batch} x {args.seq_len} per request, "
+          f"wire dtype {args.wire_dtype} | batch {args.batch_policy} | "
+          f"{args.batch} x {args.seq_len} per request, "
           f"{args.runs} runs per client, "
           f"median of {args.repeat} repeats")
     logits_bpt = {r["clients"]: r["bytes_per_token"] for r in rows if r["mode"] == "logits"}

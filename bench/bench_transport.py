@@ -3,6 +3,7 @@ client read, old path vs new, without an engine in the way.
 
     python bench/bench_transport.py                  # 8B hidden-mode shape, 4 x 2048: 268 MB
     python bench/bench_transport.py --batch 1 --http h11
+    python bench/bench_transport.py --http guarded   # the connection protocol `serve` runs
 
 A uvicorn process (``--http`` implementation) serves fixed bf16 tensors shaped like an
 8B model's hidden-mode answer (``aux_hidden_states [B,S,3H]`` + ``final_hidden [B,S,H]``)
@@ -57,7 +58,13 @@ def serve(args) -> None:
             resp = SafetensorsStream(header, pieces, headers={})
         await resp(scope, receive, send)
 
-    uvicorn.run(app, host="127.0.0.1", port=args.port, http=args.http, log_level="warning",
+    http: object = args.http
+    if args.http == "guarded":  # the server's own connection protocol, with serve's defaults
+        from eagle3_target.server.protocol import guarded_protocol, limits_from
+        from eagle3_target.server.settings import ServerSettings
+
+        http = guarded_protocol(limits_from(ServerSettings()))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, http=http, log_level="warning",
                 access_log=False)
 
 
@@ -113,7 +120,7 @@ def client_readinto(url: str, path: str, runs: int) -> tuple[list[float], int]:
     alloc = lambda n: torch.empty(n, dtype=torch.uint8)  # noqa: E731 (CPU: not pinned)
     for _ in range(runs + 1):
         t0 = time.perf_counter()
-        r = pool.request("POST", path, body=b"x", into=alloc)
+        r = pool.request("POST", path, body=b"x", into=alloc, max_body=4 << 30)
         t, _ = decode_buffer(r.buffer)
         out.append(time.perf_counter() - t0)
         n = r.nbytes
@@ -133,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--http", default="httptools", choices=["httptools", "h11"])
+    p.add_argument("--http", default="httptools", choices=["httptools", "h11", "guarded"],
+                   help="uvicorn's parser as it ships, or guarded: the one `serve` runs "
+                        "(httptools under the server's connection limits)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@ in process."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -100,3 +101,23 @@ def test_server_needs_a_tokenizer(tmp_path, data_file):
     with pytest.raises(ValueError, match="--server needs --tokenizer"):
         run_dump(DumpConfig(out=str(tmp_path / "d"), data=[str(data_file)], server=["http://127.0.0.1:9"]))
     assert not (tmp_path / "d").exists()
+
+
+def test_a_server_dump_skips_rows_longer_than_the_servers_context(tmp_path, monkeypatch, server, tiny_target,
+                                                                   tiny_model_dir, tok, data_file):
+    """With ``--max-length 0`` the dump reads the context from the server's model info
+    (``max_context``) and never sends a row longer than it."""
+    from eagle3_target.data.samples import MALFORMED
+
+    srv, token = server
+    context = tiny_target.model.config.max_position_embeddings
+    long_row = {"messages": [{"role": "user", "content": "tell me everything"},
+                             {"role": "assistant", "content": " ".join(f"w{i}" for i in range(3 * context))}]}
+    data = tmp_path / "long.jsonl"
+    data.write_text(data_file.read_text() + json.dumps(long_row) + "\n")
+    monkeypatch.setenv("EAGLE3_TARGET_TOKEN", token)
+    s = run_dump(DumpConfig(out=str(tmp_path / "d"), data=[str(data)], server=[srv.url], tokenizer=str(tiny_model_dir),
+                            max_length=None), log=lambda m: None)
+    assert s.complete and s.samples == N_ROWS
+    assert s.skipped[MALFORMED] == {"longer than the model's context": 1}
+    assert f"max_position_embeddings {context}" in s.examples[MALFORMED][0]["detail"]

@@ -82,7 +82,9 @@ ONE_WAY = {
     "engines": ("server", "client", "dump", "cli", "data"),
     "data": ("server", "client", "dump", "engines", "cli", "wire", "contract"),
     "server": ("client", "dump", "cli", "data"),
-    "dump": ("server", "cli"),
+    "dump": ("server", "cli", "export", "regen"),
+    "export": ("server", "client", "cli", "regen"),
+    "regen": ("server", "client", "cli", "export"),
 }
 
 

@@ -2,12 +2,13 @@
 # Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b validate-families validate-tp bench bench-server bench-dump bench-dump-large cli-dump bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b validate-families validate-tp regen-check regen-bench bench bench-server bench-dump bench-dump-large cli-dump export-8b bench-transport diag-io check-client
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
 # earlier run) and, for the server and dump stages, extra/ (wheels the GPU image lacks:
-# fastapi, uvicorn, httptools, opentelemetry-api, typing-inspection). The code run is this
+# fastapi, uvicorn, httptools, opentelemetry-api, typing-inspection; for SGLang's Engine: setproctitle,
+# uvloop, prometheus-client). The code run is this
 # script's own repository. Results and one log
 # go to $OUT; the flashinfer JIT cache is packed to $OUT/fi-cache.tgz for the next run.
 set -uo pipefail
@@ -22,6 +23,17 @@ bash "$G/bundle/install.sh" | tail -1
 if [ -d "$G/extra" ]; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site "$G"/extra/*.whl 2>&1 | tail -2
 fi
+# This image's transformers registers config names SGLang 0.5.16 registers too; the engine
+# patches AutoConfig.register in its own process, but SGLang's offline Engine starts its
+# scheduler in a fresh interpreter. sitecustomize applies the same patch there (only when
+# EAGLE3_TF_REGISTER_PATCH=1, so other processes do not import transformers at start).
+cat > /tmp/site/sitecustomize.py <<'PY'
+import os
+if os.environ.get("EAGLE3_TF_REGISTER_PATCH") == "1":
+    from transformers import AutoConfig
+    _orig = AutoConfig.register
+    AutoConfig.register = staticmethod(lambda t, c, exist_ok=False: _orig(t, c, exist_ok=True))
+PY
 tar xzf "$G/jit-caches-sglang-0.5.16-h100.tgz" -C /tmp
 [ -f "$G/fi-cache.tgz" ] && mkdir -p /tmp/fiws && tar xzf "$G/fi-cache.tgz" -C /tmp/fiws
 # The installs above have just rewritten flashinfer's sources and headers, so ninja would
@@ -80,6 +92,18 @@ for stage in "$@"; do
         step 560 python3 "$S/validate_tp.py" --model /tmp/llama70b-config --dummy-70b --tp ${TP_SIZE:-2} \
           --bench-batch 8 --bench-seq 2048 --out "$OUT/tp_large.json"
       fi ;;
+    regen-check)
+      # regenerate through SGLang's offline Engine: greedy rows equal the transformers engine's
+      # (bf16, same GPU) on the peaked tiny model.
+      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
+      EAGLE3_TF_REGISTER_PATCH=1 step 420 python3 "$S/regen_sglang.py" check --model /tmp/tiny-peaked --rows ${REGEN_ROWS:-32} \
+        --out "$OUT/regen_check.json" ;;
+    regen-bench)
+      # regenerate's SGLang engine against sglang.bench_offline_throughput on the same prompts
+      # (8B shape, EOS ignored by both); the goal is >= 0.9x its output tokens/s.
+      chat_target_8b
+      EAGLE3_TF_REGISTER_PATCH=1 step 560 python3 "$S/regen_sglang.py" bench --model /tmp/llama8b --prompts ${REGEN_PROMPTS:-512} \
+        --max-new-tokens ${REGEN_NEW:-256} --out "$OUT/regen_bench.json" ;;
     validate-8b)
       step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       step 420 python3 "$S/validate_sglang.py" --name llama3-8b --model /tmp/llama8b \
@@ -129,6 +153,24 @@ for stage in "$@"; do
         --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/cli_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       rm -rf /tmp/cli-dump ;;
+    export-8b)
+      # The trainers' formats at the 8B shape: a draft-mode dump with --with-prenorm (SGLang,
+      # EXPORT_ROWS (200) sample chats cut at 512 tokens), then both exports of it; prints
+      # bytes/token and MB/s of each (bench/bench_export.py --dump). Needs datasets + pyarrow.
+      chat_target_8b
+      head -n ${EXPORT_ROWS:-200} "$REPO/src/eagle3_target/data/sample_chats.jsonl" > /tmp/chats-export.jsonl
+      rm -rf /tmp/export-dump /tmp/export-work; mkdir -p /tmp/export-work
+      step 120 python3 -m eagle3_target.cli vocab --model /tmp/llama8b --data /tmp/chats-export.jsonl \
+        --draft-vocab-size 32000 --out /tmp/export-vocab.safetensors
+      step 420 python3 -m eagle3_target.cli dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
+        --data /tmp/chats-export.jsonl --out /tmp/export-dump --mode draft --vocab /tmp/export-vocab.safetensors \
+        --with-prenorm --max-length 512 --batch-tokens 16384 --engine-arg attention_backend=triton \
+        --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 | tee "$OUT/export_dump.txt"
+      python3 -c 'import pyarrow, pandas, datasets' 2>/dev/null || echo "no pyarrow/pandas/datasets here: add their wheels to GPU_DIR/extra for the speculators export"
+      step 420 python3 "$REPO/bench/bench_export.py" --formats ${EXPORT_FORMATS:-speculators,nemo} --dump /tmp/export-dump --vocab /tmp/export-vocab.safetensors \
+        --model /tmp/llama8b --workdir /tmp/export-work --json "$OUT/bench_export.json" | tee "$OUT/bench_export.txt"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      rm -rf /tmp/export-dump /tmp/export-work ;;
     check-client)
       # The client's CUDA path (pinned reads, non-blocking device copies) vs in process.
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked

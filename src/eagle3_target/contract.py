@@ -32,6 +32,7 @@ from eagle3_target.engines.common import text_config
 __all__ = [
     "TargetRunner",
     "HiddenRunner",
+    "PrenormRunner",
     "LMHead",
     "Eagle3TargetBatch",
     "Eagle3TargetModel",
@@ -89,6 +90,18 @@ class HiddenRunner(TargetRunner, Protocol):
 
     def lm_head(self) -> "LMHead":
         """The LM head that turns ``final_hidden`` into the logits ``forward_eagle3`` gives."""
+
+
+@runtime_checkable
+class PrenormRunner(TargetRunner, Protocol):
+    """A runner that can also give the final state *before* the final norm (what
+    speculators' trainer wants: it applies the norm itself)."""
+
+    def forward_eagle3_prenorm(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(final_prenorm [B,S,H], aux [B,S,3H])``, unshifted: the last decoder
+        layer's output before the final norm."""
 
 
 # --------------------------------------------------------------------------- aux ids
@@ -439,6 +452,25 @@ class Eagle3TargetModel:
             raise NotImplementedError(f"{type(self._runner).__name__} has no hidden mode")
         final_hidden, aux = self._runner.forward_eagle3_hidden(input_ids, attention_mask)
         return aux, shift_left_with_zero(final_hidden)
+
+    @torch.no_grad()
+    def generate_prenorm(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(aux [B,S,3H], final_prenorm [B,S,H])``, both **unshifted**: the last decoder
+        layer's output before the final norm, position by position like aux (a trainer
+        that applies the norm and LM head itself, as speculators' does, shifts it).
+        Raises NotImplementedError where the engine cannot capture it (the SGLang
+        capture table's pre-norm column) rather than return another state."""
+        self.validate(input_ids, attention_mask, loss_mask)
+        if not isinstance(self._runner, PrenormRunner):
+            raise NotImplementedError(f"{type(self._runner).__name__} cannot capture the state before "
+                                      f"the final norm")
+        final_prenorm, aux = self._runner.forward_eagle3_prenorm(input_ids, attention_mask)
+        return aux, final_prenorm
 
     def close(self) -> None:
         """Releases the runner. Idempotent."""

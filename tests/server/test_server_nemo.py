@@ -105,6 +105,7 @@ def test_generate_response_is_nmet_in_nemo_key_order(server, token, mapping):
                          "loss_mask"]
     assert out["position_mask"].shape == (2, 12, 1) and out["position_mask"].dtype == torch.bool
     assert out["target_probs"].shape == (2, 12, 256) and out["target_probs"].dtype == torch.float32
+    httpx.post(server.url + "/disconnect", headers=auth, content=b"{}", trust_env=False, timeout=60)
 
 
 def test_nemo_endpoints_validate_like_the_native_ones(server, token):
@@ -121,3 +122,49 @@ def test_nemo_endpoints_validate_like_the_native_ones(server, token):
     assert r.status_code == 422 and r.json()["field"] == "loss_mask"
     r = post("/set_vocab_mapping", nmet.encode({"selected_token_ids": torch.tensor([5000])}))
     assert r.status_code == 422 and "[0, 2048)" in r.json()["detail"]
+
+
+def _nemo_mapping_body(m) -> bytes:
+    return nemo_wire.encode_to_bytes({"selected_token_ids": m.selected_token_ids,
+                                      "selected_token_mask": m.selected_token_mask})
+
+
+def test_a_second_clients_different_mapping_is_refused_never_swapped(server, token, mapping):
+    """Client A sets MA, client B tries MB and /generate races: every 200 carries MA's
+    draft vocabulary; B is told about the one-mapping limit and the /v1 way out."""
+    import concurrent.futures
+
+    auth = {"Authorization": f"Bearer {token}"}
+    post = lambda path, body: httpx.post(server.url + path, headers=auth, content=body,  # noqa: E731
+                                         trust_env=False, timeout=60)
+    other = build_vocab_mapping(torch.randint(0, 30, (2048,), generator=torch.Generator().manual_seed(8)),
+                                300, [0])
+    post("/disconnect", b"{}")
+    assert post("/set_vocab_mapping", _nemo_mapping_body(mapping)).status_code == 200
+    ids, mask, loss = make_inputs(400, 2, 16)
+    gen = nmet.encode({"input_ids": ids, "attention_mask": mask, "loss_mask": loss})
+
+    def b_sets():
+        return post("/set_vocab_mapping", _nemo_mapping_body(other))
+
+    def a_generates():
+        return post("/generate", gen)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        futs = [ex.submit(b_sets if i % 3 == 0 else a_generates) for i in range(24)]
+        answers = [f.result() for f in futs]
+    for i, r in enumerate(answers):
+        if i % 3 == 0:
+            assert r.status_code == 409, r.text
+            body = r.json()
+            assert body["error"] == "vocab_mapping_conflict"
+            assert "one NeMo mapping at a time" in body["detail"] and "/v1" in body["detail"]
+        else:
+            assert r.status_code == 200
+            assert nmet.decode(r.content)["target_probs"].shape == (2, 16, 256)
+    # Setting the held mapping again is fine (a retry); after A's /disconnect B may set its own.
+    assert post("/set_vocab_mapping", _nemo_mapping_body(mapping)).status_code == 200
+    assert post("/disconnect", b"{}").status_code == 200
+    assert post("/set_vocab_mapping", _nemo_mapping_body(other)).status_code == 200
+    assert nmet.decode(post("/generate", gen).content)["target_probs"].shape == (2, 16, 300)
+    post("/disconnect", b"{}")

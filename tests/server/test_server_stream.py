@@ -29,7 +29,8 @@ def _same_as_save(body: bytes) -> None:
     assert ref_header == header and list(ref_header) == list(header)
 
 
-@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+# h11 is not offered: the connection limits live in the guarded httptools protocol.
+@pytest.mark.parametrize("http_impl", ["httptools"])
 def test_streamed_supervision_is_save_bytes(tiny_path, token, http_impl):
     with ServerProcess(server_args(tiny_path, "--http", http_impl), token=token).start() as srv, \
             httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"},

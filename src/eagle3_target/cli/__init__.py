@@ -38,9 +38,11 @@ SUBCOMMAND_MODULES: list[str] = [
     "eagle3_target.cli.bench",
     "eagle3_target.cli.demo",
     "eagle3_target.cli.serve",
+    "eagle3_target.cli.regenerate",
     "eagle3_target.cli.vocab",
     "eagle3_target.cli.dump",
     "eagle3_target.cli.verify",
+    "eagle3_target.cli.export",
 ]
 
 

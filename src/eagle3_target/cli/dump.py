@@ -28,7 +28,8 @@ def config_from_args(args: argparse.Namespace) -> DumpConfig:
         tokenizer=args.tokenizer, token_file=args.token_file, device=args.device, dtype=args.dtype,
         aux_layer_ids=parse_aux_layers(args.aux_layers),
         engine_args=engine_options(args), vocab=args.vocab,
-        max_length=args.max_length or None, mask_reasoning=args.mask_reasoning,
+        with_prenorm=args.with_prenorm, max_length=args.max_length or None, max_row_mb=args.max_row_mb,
+        mask_reasoning=args.mask_reasoning,
         batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb, num_shards=args.num_shards,
         shard_index=args.shard_index, strict=args.strict, trust_existing=args.trust_existing,
         writer_threads=args.writer_threads, prefetch=args.prefetch, progress=args.progress,
@@ -81,11 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default=default("mode"), choices=list(MODES),
                    help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()) + f" (default {default('mode')})")
     p.add_argument("--vocab", default=None, help="draft vocab mapping (required for --mode draft)")
+    p.add_argument("--with-prenorm", action="store_true",
+                   help="also store final_prenorm, the final state before the final norm (needed by "
+                        "`export --to speculators`; one more target forward per batch)")
     p.add_argument("--max-length", type=int, default=default("max_length"),
                    help=f"keep the first N tokens of each rendered chat (default {default('max_length')}; "
-                        f"0: never truncate); rows cut and the supervised tokens lost are counted in the "
-                        f"summary and the manifest, with a warning above "
-                        f"{TRUNCATION_WARN_SHARE:.0%} and an error under --strict")
+                        f"0: never truncate, and a row longer than the model's context is skipped); rows cut "
+                        f"and the supervised tokens lost are counted in the summary and the manifest, with a "
+                        f"warning above {TRUNCATION_WARN_SHARE:.0%} and an error under --strict")
+    p.add_argument("--max-row-mb", type=float, default=default("max_row_mb"),
+                   help=f"skip (or with --strict refuse) a data row larger than this many MiB "
+                        f"(default {default('max_row_mb'):g})")
     p.add_argument("--mask-reasoning", action="store_true", help="leave <think> text out of the loss mask")
     p.add_argument("--batch-tokens", type=int, default=default("batch_tokens"),
                    help=f"padded tokens per target forward (default {default('batch_tokens')})")

@@ -33,7 +33,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, token=token, insecure=args.insecure,
         max_batch_tokens=args.max_batch_tokens, max_request_bytes=args.max_request_bytes,
         exit_on_disconnect=args.exit_on_disconnect, model_name=model, engine=args.engine,
-        log_level=args.log_level, http=args.http)
+        log_level=args.log_level, http=args.http, max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, send_timeout_s=args.send_timeout,
+        idle_timeout_s=args.idle_timeout, shutdown_timeout_s=args.shutdown_timeout,
+        drain_timeout_s=args.drain_timeout,
+        max_response_bytes=args.max_response_bytes)
     return run_server(lambda: load_target(args, **engine_kwargs), settings)
 
 
@@ -60,6 +65,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="shut down when a NeMo client POSTs /disconnect (NeMo's own server does)")
     p.add_argument("--log-level", default=d.log_level, choices=list(LOG_LEVELS), help="server log level")
     p.add_argument("--http", default=d.http, choices=list(HTTP_IMPLEMENTATIONS),
-                   help="uvicorn's HTTP/1.1 implementation (auto: httptools, the faster one, "
-                        "when installed)")
+                   help="HTTP/1.1 parser (auto = httptools, under the server's connection limits)")
+    g = p.add_argument_group("connection limits (docs/protocol.md)")
+    g.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help=f"request line + headers cap (431 above; default {d.max_header_bytes})")
+    g.add_argument("--max-headers", type=int, default=d.max_headers,
+                   help=f"request header count cap (431 above; default {d.max_headers})")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help=f"seconds for a request's headers to arrive (default {d.header_timeout_s:g})")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help=f"seconds for a body to arrive after its headers (default {d.body_timeout_s:g})")
+    g.add_argument("--send-timeout", type=float, default=d.send_timeout_s,
+                   help="seconds a client may leave its answer unread before it is cut off "
+                        f"(default {d.send_timeout_s:g})")
+    g.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                   help=f"seconds a keep-alive connection may sit idle (default {d.idle_timeout_s:g})")
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+                   help="after SIGTERM, seconds a client may still take to read its answer or "
+                        f"send its body (default {d.shutdown_timeout_s:g})")
+    g.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
+                   help="after SIGTERM, seconds requests on the engine get before they are "
+                        f"cancelled (default {d.drain_timeout_s:g})")
+    g.add_argument("--max-response-bytes", type=int, default=d.max_response_bytes,
+                   help="result bytes held for unsent answers over all clients; requests wait "
+                        f"for room (default {d.max_response_bytes >> 30} GiB)")
     p.set_defaults(func=_cmd_serve)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from eagle3_target.cli.common import check_writable
 from eagle3_target.data.chat import MAX_LENGTH
+from eagle3_target.data.rows import MAX_ROW_BYTES
 
 __all__ = ["register"]
 
@@ -32,7 +33,7 @@ def _cmd_vocab(args: argparse.Namespace) -> int:
                          f"{args.draft_vocab_size}")
     mapping, stats, report = build_vocab_from_data(
         data, tokenizer, v, args.draft_vocab_size, max_length=args.max_length or None,
-        mask_reasoning=args.mask_reasoning, strict=args.strict)
+        mask_reasoning=args.mask_reasoning, strict=args.strict, max_row_bytes=_row_bytes(args.max_row_mb))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}"
@@ -61,6 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output mapping .safetensors")
     p.add_argument("--max-length", type=int, default=MAX_LENGTH,
                    help=f"truncate as dump does (default {MAX_LENGTH}; 0: never)")
+    p.add_argument("--max-row-mb", type=float, default=MAX_ROW_BYTES / 2**20,
+                   help="skip (or with --strict refuse) a data row larger than this many MiB, as dump does")
     p.add_argument("--mask-reasoning", action="store_true")
     p.add_argument("--strict", action="store_true", help="fail on any malformed, unsupervised or truncated row")
     p.set_defaults(func=_cmd_vocab)
+
+
+def _row_bytes(mb: float) -> int:
+    if not mb * 2**20 >= 1:
+        raise ValueError(f"--max-row-mb must be positive, got {mb}")
+    return int(mb * 2**20)

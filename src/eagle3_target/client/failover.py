@@ -3,7 +3,8 @@ first, cool-downs that grow with failures, and the credentials in a URL.
 
 :class:`Servers` is the set :class:`~eagle3_target.client.remote.RemoteTarget` spreads
 its requests over. A server that fails to answer (or answers 502/503/504) is cooled
-down for ``0.5 * 2**(failures-1)`` seconds, at most 30 (or its ``Retry-After``);
+down for ``0.5 * 2**(failures-1)`` seconds, at most 30 (or its ``Retry-After``, also
+capped at 30: one answer must not bench a server for hours);
 while none is healthy, the one whose cool-down ends first is tried.
 """
 
@@ -17,7 +18,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from eagle3_target.client.http_pool import HttpPool
 
-__all__ = ["Server", "Servers", "split_userinfo"]
+__all__ = ["Server", "Servers", "split_userinfo", "MAX_COOL_DOWN"]
+
+MAX_COOL_DOWN = 30.0
+"""The longest a server is left untried, whatever it or its failures say (seconds)."""
 
 
 def split_userinfo(url: str) -> tuple[str, str | None]:
@@ -57,7 +61,8 @@ class Server:
     def mark_down(self, retry_after: float | None = None) -> None:
         self.failures += 1
         self.verified = False  # it may come back serving something else
-        cool = retry_after if retry_after is not None else min(30.0, 0.5 * 2 ** (self.failures - 1))
+        cool = retry_after if retry_after is not None else 0.5 * 2 ** (self.failures - 1)
+        cool = min(MAX_COOL_DOWN, max(0.0, cool))
         self.down_until = time.monotonic() + cool
 
     def mark_up(self) -> None:

@@ -9,17 +9,31 @@ into a preallocated buffer read 1.0-1.06 GB/s (scripts/gpu/diag_io.py). urllib3 
 pooling but its ``readinto`` goes through ``read()`` (a temporary ``bytes`` and a copy).
 So the standard library's ``http.client`` carries the bytes, straight from the socket
 into the caller's buffer (pinned host memory when the client's device is CUDA), and
-this module adds what httpx gave: a pool of keep-alive connections, a connect timeout
-and a read timeout, a transparent retry on a pooled connection the server had closed,
-and one error type for "no answer" (:class:`TransportError`).
+this module adds what httpx gave: a pool of keep-alive connections, a connect timeout,
+a transparent retry on a pooled connection the server had closed, and one error type
+for "no answer" (:class:`TransportError`).
+
+Two bounds httpx does not give either:
+
+- **A deadline per request**, not a timeout per socket read: a server that drips one
+  byte a second would otherwise hold a read "timeout" of 2 s for ever. One watchdog
+  thread (:class:`_Watchdog`, shared by every pool) shuts a request's socket down when
+  its deadline passes, which ends any read or write in progress; the request then
+  raises :class:`TransportError` saying the deadline passed.
+- **A cap on what a body may cost**: a declared ``Content-Length`` above the caller's
+  ``max_body`` (the most the request can legitimately bring back) is refused before
+  anything is allocated, and a body without a length is read only up to the cap.
 """
 
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +41,64 @@ from urllib.parse import urlencode, urlsplit
 
 import torch
 
-from eagle3_target.errors import TransportError
+from eagle3_target.errors import RemoteTargetError, TransportError
 
-__all__ = ["HttpPool", "Reply", "TransportError"]
+__all__ = ["HttpPool", "Reply", "TransportError", "MAX_SMALL_BODY"]
+
+# The largest body read without a caller's own cap (model info, mapping ids, errors).
+MAX_SMALL_BODY = 16 << 20
+
+
+class _Watchdog:
+    """One daemon thread that shuts sockets down when their request's deadline passes."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._live: dict[int, bool] = {}  # token -> expired
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket, when: float) -> int:
+        with self._cv:
+            token = next(self._ids)
+            self._live[token] = False
+            heapq.heappush(self._heap, (when, token, sock))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="eagle3-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            if self._heap[0][1] == token:
+                self._cv.notify()
+        return token
+
+    def disarm(self, token: int) -> bool:
+        """Forgets ``token``; True when its deadline had passed (the socket is shut)."""
+        with self._cv:
+            return self._live.pop(token, False)
+
+    def _main(self) -> None:
+        with self._cv:
+            while True:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)  # disarmed
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                when, token, sock = self._heap[0]
+                now = time.monotonic()
+                if when > now:
+                    self._cv.wait(when - now)
+                    continue
+                heapq.heappop(self._heap)
+                self._live[token] = True
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed
+
+
+_WATCHDOG = _Watchdog()
 
 
 @dataclass
@@ -69,7 +138,8 @@ class HttpPool:
     Args:
         url: the server's base URL (no userinfo; the caller turns that into a header).
         headers: sent with every request (auth).
-        timeout: seconds any one socket operation may wait once connected.
+        timeout: seconds one request may take once connected: a deadline for sending it
+            and reading its whole answer, not a limit per socket read.
         connect_timeout: seconds to establish a connection.
     """
 
@@ -127,46 +197,66 @@ class HttpPool:
     # ------------------------------------------------------------------ requests
     def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                 body: bytes | None = None, headers: Mapping[str, str] | None = None,
-                into: Callable[[int], torch.Tensor] | None = None) -> Reply:
-        """One request and its complete response.
+                into: Callable[[int], torch.Tensor] | None = None,
+                max_body: int = MAX_SMALL_BODY) -> Reply:
+        """One request and its complete response, within one deadline of ``timeout``
+        seconds from now (connecting, sending, the headers and the whole body).
 
         ``into(n)`` (optional) returns a ``[n] uint8`` CPU tensor: a 200 answer with a
-        Content-Length of ``n`` is read straight into it (no other copy). Raises
-        :class:`TransportError` when no complete answer came.
+        Content-Length of ``n`` is read straight into it (no other copy). A body over
+        ``max_body`` bytes raises :class:`RemoteTargetError` (``bad_response``) before
+        anything is allocated. Raises :class:`TransportError` when no complete answer
+        came within the deadline.
         """
         target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
         hdrs = {**self._headers, **(headers or {})}
         if body is None and method in ("POST", "PUT"):
             hdrs["Content-Length"] = "0"
         url = self.url + path
+        deadline = time.monotonic() + self._timeout
         for attempt in (0, 1):
             conn, reused = self._take()
+            token = None
+            answered = False
             try:
+                if conn is not None and conn.sock is None:
+                    conn.close()  # http.client dropped its socket
+                    conn, reused = None, False
                 if conn is None:
                     conn = self._new()
+                token = _WATCHDOG.arm(conn.sock, deadline)
+                conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 conn.request(method, target, body=body, headers=hdrs)
                 resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as e:
+                answered = True
+                reply = self._read(resp, method, url, into, max_body)
+            except (OSError, http.client.HTTPException, TransportError, RemoteTargetError) as e:
+                expired = token is not None and _WATCHDOG.disarm(token)
                 if conn is not None:
                     conn.close()
+                if isinstance(e, RemoteTargetError):
+                    raise
+                if expired or time.monotonic() >= deadline:
+                    raise TransportError(f"{method} {url}: no complete answer within the "
+                                         f"{self._timeout:g} s deadline") from e
                 # A pooled connection the server closed while idle (its keep-alive
                 # timeout) fails on first use: that is no answer from the server, so
                 # try once more on a fresh connection before reporting anything.
-                if reused and attempt == 0 and not isinstance(e, TimeoutError):
+                if reused and attempt == 0 and not answered and not isinstance(e, TimeoutError):
                     continue
-                raise TransportError(f"{method} {url}: {type(e).__name__}: {e}") from e
-            try:
-                reply = self._read(resp, method, url, into)
-            except (OSError, http.client.HTTPException, TransportError) as e:
-                conn.close()
                 if isinstance(e, TransportError):
                     raise
-                raise TransportError(f"{method} {url}: reading the response: "
-                                     f"{type(e).__name__}: {e}") from e
+                what = "reading the response: " if answered else ""
+                raise TransportError(f"{method} {url}: {what}{type(e).__name__}: {e}") from e
             except BaseException:
-                conn.close()
+                if token is not None:
+                    _WATCHDOG.disarm(token)
+                if conn is not None:
+                    conn.close()
                 raise
-            if resp.will_close:
+            if _WATCHDOG.disarm(token):
+                conn.close()  # shut at the very end: never reuse it
+            elif resp.will_close:
                 conn.close()
             else:
                 self._give(conn)
@@ -175,10 +265,26 @@ class HttpPool:
 
     @staticmethod
     def _read(resp: http.client.HTTPResponse, method: str, url: str,
-              into: Callable[[int], torch.Tensor] | None) -> Reply:
+              into: Callable[[int], torch.Tensor] | None, max_body: int) -> Reply:
         headers = {k.lower(): v for k, v in resp.getheaders()}
         n = resp.length
-        if into is None or resp.status != 200 or n is None or resp.chunked:
+        if n is not None and n > max_body:
+            raise RemoteTargetError(
+                f"{method} {url}: the answer declares a {n}-byte body, more than the "
+                f"{max_body} bytes this request can bring back", status=resp.status,
+                error="bad_response", detail=f"Content-Length {n} exceeds {max_body}", url=url)
+        if n is None:  # chunked or ended by closing: read up to the cap
+            parts, total = [], 0
+            while piece := resp.read(1 << 16):  # IncompleteRead on a cut-off chunk
+                total += len(piece)
+                if total > max_body:
+                    raise RemoteTargetError(
+                        f"{method} {url}: the answer's body exceeds the {max_body} bytes this "
+                        f"request can bring back", status=resp.status, error="bad_response",
+                        detail=f"body exceeds {max_body} bytes", url=url)
+                parts.append(piece)
+            return Reply(method, url, resp.status, headers, body=b"".join(parts))
+        if into is None or resp.status != 200:
             body = resp.read()  # raises IncompleteRead on a cut-off body
             return Reply(method, url, resp.status, headers, body=body)
         buf = into(n)

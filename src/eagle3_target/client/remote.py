@@ -38,7 +38,6 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -51,43 +50,34 @@ from eagle3_target.contract import (
     validate_batch_inputs,
     zero_tail,
 )
-from eagle3_target.client.answers import check_outputs, decode_tensors, error_from, identity_diff, lm_head_from
+from eagle3_target.client.answers import (
+    TopKBatch,
+    bad_response,
+    check_outputs,
+    decode_tensors,
+    error_from,
+    identity_diff,
+    lm_head_from,
+    model_info_from,
+    most_bytes,
+)
 from eagle3_target.client.failover import Server, Servers
 from eagle3_target.client.http_pool import Reply
 from eagle3_target.errors import RemoteTargetError, RemoteTargetUnavailable, TransportError
 from eagle3_target.wire.v1 import (
+    BATCH_POLICIES,
     MAX_TOPK,
     MODES,
     OUTPUT_DTYPES,
     SupervisionParams,
     encode_safetensors,
+    response_spec,
 )
 from eagle3_target.vocab import VocabMapping, compute_target_distribution
 
 __all__ = ["RemoteTarget", "TopKBatch"]
 
 _RETRY_STATUS = (502, 503, 504)
-
-
-@dataclass
-class TopKBatch:
-    """Sparse supervision (mode ``topk``), shifted like ``Eagle3TargetBatch.logits``.
-
-    Fields:
-        aux_hidden_states: ``[B,S,3H]``.
-        topk_values: ``[B,S,k]`` logits, descending.
-        topk_indices: ``[B,S,k] int32`` target token ids.
-        logsumexp: ``[B,S] fp32`` over the full vocabulary (``log p = value - logsumexp``).
-        input_ids, loss_mask: ``[B,S]`` shifted; attention_mask ``[B,S]`` unshifted.
-    """
-
-    aux_hidden_states: torch.Tensor
-    topk_values: torch.Tensor
-    topk_indices: torch.Tensor
-    logsumexp: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
 
 
 class RemoteTarget:
@@ -99,7 +89,10 @@ class RemoteTarget:
         token: sent as ``Authorization: Bearer`` to every server.
         mode: ``hidden`` (default), ``logits``, ``draft`` or ``topk``.
         device: where returned tensors (and rebuilt logits) live.
-        timeout: seconds per HTTP request.
+        timeout: the deadline of one HTTP request, in seconds: sending it and reading
+            its whole answer must end within it (a server that trickles bytes cannot
+            stretch it). Each retry gets a fresh deadline, so a call returns or raises
+            within about ``(retries + 1) * timeout`` plus the backoff sleeps.
         retries: extra attempts per request, across servers, before
             :class:`RemoteTargetUnavailable`.
         backoff, max_backoff: first and largest sleep (seconds) when no server is healthy.
@@ -107,6 +100,9 @@ class RemoteTarget:
         topk: k for ``topk`` mode (1..64).
         max_in_flight: concurrent requests of ``generate_batch_async``/``prefetch``
             (default 2 per server).
+        batch: ``shared`` (default) lets a server merge a request with others into one
+            engine call; ``alone`` has each request run by itself, so the answer's bytes
+            depend on the request only (the dump's ``--server`` path uses it).
     """
 
     def __init__(
@@ -123,6 +119,7 @@ class RemoteTarget:
         dtype: str = "auto",
         topk: int | None = None,
         max_in_flight: int | None = None,
+        batch: str = "shared",
     ):
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
@@ -135,6 +132,8 @@ class RemoteTarget:
             raise ValueError(f"topk must lie in 1..{MAX_TOPK}, got {topk}")
         if mode == "topk" and topk is None:
             raise ValueError("mode='topk' needs topk=k")
+        if batch not in BATCH_POLICIES:
+            raise ValueError(f"batch must be one of {', '.join(BATCH_POLICIES)}, got {batch!r}")
         if retries < 0 or timeout <= 0:
             raise ValueError("retries must be >= 0 and timeout > 0")
         self.mode = mode
@@ -142,6 +141,7 @@ class RemoteTarget:
         self._pin = self.device.type == "cuda"
         self.dtype = dtype
         self.topk = topk
+        self.batch = batch
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -156,7 +156,7 @@ class RemoteTarget:
         self._closed = False
         self.stats: collections.Counter[str] = collections.Counter()
         try:
-            self.info: dict[str, Any] = self._request("GET", "/v1/model_info").json()
+            self.info: dict[str, Any] = model_info_from(self._request("GET", "/v1/model_info"))
         except BaseException:
             self.close()
             raise
@@ -186,7 +186,7 @@ class RemoteTarget:
             if resp.status_code in _RETRY_STATUS:
                 raise TransportError(f"{srv.url} answered {resp.status_code}")
             raise error_from(resp)
-        theirs = resp.json()
+        theirs = model_info_from(resp)
         diff = identity_diff(info, theirs)
         if diff:
             raise RemoteTargetError(f"{srv.url} serves a different model than {self.urls[0]}: "
@@ -194,9 +194,12 @@ class RemoteTarget:
         srv.verified = True
 
     def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                 content: bytes | None = None, bulk: bool = False) -> Reply:
+                 content: bytes | None = None, bulk: bool = False,
+                 max_body: int | None = None) -> Reply:
         """One idempotent request, with failover and backoff. ``bulk``: a 200 body is
-        read straight into a buffer from :meth:`_alloc` (``Reply.buffer``)."""
+        read straight into a buffer from :meth:`_alloc` (``Reply.buffer``). ``max_body``:
+        the most bytes the answer can legitimately hold (a larger one is refused before
+        it is read)."""
         if self._closed:
             raise RuntimeError("RemoteTarget is closed")
         attempt = 0
@@ -209,7 +212,8 @@ class RemoteTarget:
                 self._verify(srv)
                 headers = {"Content-Type": "application/octet-stream"} if content is not None else None
                 resp = srv.http.request(method, path, params=params, body=content,
-                                        headers=headers, into=self._alloc if bulk else None)
+                                        headers=headers, into=self._alloc if bulk else None,
+                                        **({} if max_body is None else {"max_body": max_body}))
             except TransportError as e:
                 last = e
                 srv.mark_down()
@@ -219,6 +223,9 @@ class RemoteTarget:
                 self.stats["bytes_received"] += resp.nbytes
                 if resp.status_code < 400:
                     srv.mark_up()
+                    if resp.status_code != 200:  # 204, a redirect: not an answer we know
+                        raise bad_response(resp, f"status {resp.status_code}, expected 200 "
+                                                 "with a body")
                     self.stats[f"served_by:{srv.url}"] += 1
                     return resp
                 err = error_from(resp)
@@ -268,14 +275,16 @@ class RemoteTarget:
     def get_input_embeddings(self) -> SimpleNamespace:
         """``.weight [V,H]`` on ``device`` (fetched once)."""
         if self._embeddings is None:
-            t = self._tensors(self._request("GET", "/v1/input_embeddings", bulk=True))
+            t = self._tensors(self._request("GET", "/v1/input_embeddings", bulk=True,
+                                            max_body=self._matrix_bytes()))
             self._embeddings = SimpleNamespace(weight=t["weight"])
         return self._embeddings
 
     def lm_head(self) -> LMHead:
         """The target's LM head on ``device`` (fetched once from ``/v1/lm_head``)."""
         if self._head is None:
-            resp = self._request("GET", "/v1/lm_head", bulk=True)
+            resp = self._request("GET", "/v1/lm_head", bulk=True,
+                                 max_body=self._matrix_bytes())
             self._head = lm_head_from(resp, self._tensors(resp), self.device)
         return self._head
 
@@ -311,7 +320,11 @@ class RemoteTarget:
                                 headers={"Content-Type": "application/octet-stream"})
         if resp.status_code >= 400:
             raise error_from(resp)
-        got = resp.json().get("mapping_id")
+        try:
+            got = resp.json().get("mapping_id")
+        except (ValueError, AttributeError):
+            raise bad_response(resp, "the answer of /v1/vocab_mapping is not a JSON object "
+                                     "with mapping_id") from None
         if got != mapping.mapping_id:
             raise RemoteTargetError(f"{srv.url} registered mapping {got}, expected "
                                     f"{mapping.mapping_id}: client and server disagree on the hash")
@@ -325,7 +338,7 @@ class RemoteTarget:
                 raise RuntimeError("draft mode needs set_vocab_mapping() first")
             mapping_id = self._mapping.mapping_id
         return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=self.dtype,
-                                 k=k).to_query()
+                                 k=k, batch=self.batch).to_query()
 
     def _supervision(self, mode: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      loss_mask: torch.Tensor, k: int | None = None) -> dict[str, torch.Tensor]:
@@ -336,11 +349,19 @@ class RemoteTarget:
             "attention_mask": attention_mask.to("cpu", torch.bool),
             "loss_mask": loss_mask.to("cpu", torch.bool),
         })
+        b, s = input_ids.shape
+        draft = self._mapping.draft_vocab_size if mode == "draft" and self._mapping else None
+        spec = response_spec(mode, rows=b, seq=s, info=self.info, dtype=self.dtype, k=k,
+                             draft_vocab=draft)
         resp = self._request("POST", "/v1/supervision", params=self._params(mode, k), content=body,
-                             bulk=True)
+                             bulk=True, max_body=most_bytes(spec.values()))
         tensors = self._tensors(resp)
-        check_outputs(resp, mode, tensors)
+        check_outputs(resp, mode, tensors, spec)
         return tensors
+
+    def _matrix_bytes(self) -> int:
+        """The most a ``[V,H]`` matrix answer (embeddings, LM head) may hold."""
+        return most_bytes([((self.vocab_size, self.hidden_size + 1), None)])
 
     def _frame(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:

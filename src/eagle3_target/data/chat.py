@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from eagle3_target.data.rows import MAX_ROW_BYTES
 from eagle3_target.errors import MalformedRow
 
 __all__ = [
@@ -212,6 +213,11 @@ class ChatEncoder:
             disagree), caught here rather than failing a whole batch in the target.
         use_template_mask: None (default) uses the template's ``{% generation %}`` mask
             when the template has one; False always uses the per-turn rendering.
+        max_context: the model's context (``max_position_embeddings``): a sample longer
+            than this after truncation is a malformed row, never run (a 100k-token
+            conversation ran for minutes on a 4k-context model before it was killed).
+        max_row_bytes: the largest row read from a file for this encoder (see
+            :func:`~eagle3_target.data.rows.iter_raw_rows`).
     """
 
     def __init__(
@@ -222,9 +228,15 @@ class ChatEncoder:
         mask_reasoning: bool = False,
         vocab_size: int | None = None,
         use_template_mask: bool | None = None,
+        max_context: int | None = None,
+        max_row_bytes: int = MAX_ROW_BYTES,
     ):
         if max_length is not None and (isinstance(max_length, bool) or max_length < 2):
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length!r}")
+        if isinstance(max_row_bytes, bool) or not isinstance(max_row_bytes, int) or max_row_bytes < 1:
+            raise ValueError(f"max_row_bytes must be a positive integer, got {max_row_bytes!r}")
+        self.max_context = max_context
+        self.max_row_bytes = max_row_bytes
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.mask_reasoning = mask_reasoning
@@ -355,4 +367,8 @@ class ChatEncoder:
         truncated = self.max_length is not None and len(full) > self.max_length
         if truncated:
             full, mask = full[: self.max_length], mask[: self.max_length]
+        if self.max_context is not None and len(full) > self.max_context:
+            raise MalformedRow("longer than the model's context",
+                               f"{len(full)} tokens, max_position_embeddings {self.max_context}; "
+                               f"--max-length {self.max_context} keeps the first {self.max_context} tokens")
         return Encoded(full, mask, truncated, full_supervised, source)

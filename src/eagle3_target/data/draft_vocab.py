@@ -39,15 +39,19 @@ def target_vocab_size(model_dir: str) -> int:
 def build_vocab_from_data(
     data: Sequence[str], tokenizer: Any, target_vocab_size: int, draft_vocab_size: int, *,
     max_length: int | None = None, mask_reasoning: bool = False, strict: bool = False,
+    max_row_bytes: int | None = None,
 ):
-    """``(VocabMapping, VocabStats, DataReport)`` for the supervised tokens of ``data``."""
+    """``(VocabMapping, VocabStats, DataReport)`` for the supervised tokens of ``data``
+    (rows read up to ``max_row_bytes``; None: the default cap)."""
     from eagle3_target.data.chat import ChatEncoder
     from eagle3_target.data.samples import scan
     from eagle3_target.data.tokenizer import special_token_ids
     from eagle3_target.vocab import build_vocab_mapping
 
+    from eagle3_target.data.rows import MAX_ROW_BYTES
+
     encoder = ChatEncoder(tokenizer, max_length=max_length, mask_reasoning=mask_reasoning,
-                          vocab_size=target_vocab_size)
+                          vocab_size=target_vocab_size, max_row_bytes=max_row_bytes or MAX_ROW_BYTES)
     counts = torch.zeros(target_vocab_size, dtype=torch.int64)
 
     def add(sample) -> None:

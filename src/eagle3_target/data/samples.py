@@ -18,8 +18,8 @@ from eagle3_target.data.chat import ChatEncoder, row_to_messages
 from eagle3_target.data.rows import RawRow, iter_raw_rows
 from eagle3_target.errors import MalformedRow
 
-__all__ = ["MALFORMED", "ZERO_SUPERVISION", "TRUNCATION_WARN_SHARE", "Sample", "Skipped", "DataReport", "encode_row", "iter_samples",
-           "scan", "iter_supervised_ids"]
+__all__ = ["MALFORMED", "ZERO_SUPERVISION", "TRUNCATION_WARN_SHARE", "Sample", "Skipped", "DataReport", "encode_row",
+           "iter_samples", "scan", "iter_supervised_ids"]
 
 MALFORMED = "malformed"
 ZERO_SUPERVISION = "zero_supervision"
@@ -67,7 +67,7 @@ class Skipped:
 def encode_row(raw: RawRow, encoder: ChatEncoder) -> Sample | Skipped:
     """One raw row -> a :class:`Sample`, or a :class:`Skipped` saying why not."""
     if raw.error is not None:
-        return Skipped(raw.index, raw.where, MALFORMED, "not JSON", raw.error)
+        return Skipped(raw.index, raw.where, MALFORMED, raw.reason, raw.error)
     try:
         messages, tools = row_to_messages(raw.value)
         enc = encoder.encode(messages, tools)
@@ -96,8 +96,9 @@ def iter_samples(
     start: int = 0,
     keep: Callable[[int], bool] | None = None,
 ) -> Iterator[Sample | Skipped]:
-    """Samples and skipped rows of the files, in row order (see :func:`iter_raw_rows`)."""
-    for raw in iter_raw_rows(paths, start=start, keep=keep):
+    """Samples and skipped rows of the files, in row order (see :func:`iter_raw_rows`;
+    rows are read up to the encoder's ``max_row_bytes``)."""
+    for raw in iter_raw_rows(paths, start=start, keep=keep, max_row_bytes=encoder.max_row_bytes):
         yield encode_row(raw, encoder)
 
 

@@ -9,6 +9,8 @@
 - :mod:`.render` - the chat template in a child process;
 - :mod:`.summary` - what a dump reports;
 - :mod:`.format` - the files on disk: manifests, shards, the LM head, their writer;
+- :mod:`.integrity` - the accounting and structure rules verify, the reader and a rerun share;
+- :mod:`.repair` - a rerun's repairs of a damaged manifest or lost shards;
 - :mod:`.verify` - the checker; :mod:`.reader` - :class:`Eagle3Dataset` for trainers;
 - :mod:`.faults` - the fault-injection points the resume tests kill at.
 

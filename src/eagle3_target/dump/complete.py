@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 from eagle3_target.data.chat import ChatEncoder
 from eagle3_target.data.tokenizer import tokenizer_fingerprint
-from eagle3_target.dump.config import DumpConfig
+from eagle3_target.dump.config import DumpConfig, default
+from eagle3_target.dump.integrity import manifest_problems
 from eagle3_target.dump.format import FORMAT, LM_HEAD_FILE, check_shard_file, model_fingerprint, sha256_file
 from eagle3_target.dump.summary import DumpSummary, logits_bytes_per_token, summary_json
 from eagle3_target.tiny import resolve_model
@@ -44,6 +45,9 @@ def config_record(cfg: DumpConfig, data: Sequence[Path], tokenizer_sha: str, mod
         "mask_source": "template" if use_template_mask else "turns",
         "batch_tokens": cfg.batch_tokens, "shard_size_mb": cfg.shard_size_mb,
         "num_shards": cfg.num_shards, "shard_index": cfg.shard_index,
+        # Recorded only when changed or set, so that dumps with the defaults keep their bytes.
+        **({"max_row_mb": cfg.max_row_mb} if cfg.max_row_mb != default("max_row_mb") else {}),
+        **({"with_prenorm": True} if cfg.with_prenorm else {}),
     }
 
 
@@ -83,6 +87,8 @@ def finished_without_target(cfg: DumpConfig, existing: dict[str, Any], data: Seq
     if record != old:
         return None
     out = Path(cfg.out)
+    if manifest_problems(existing, out, cfg.manifest_path().name):  # unaccounted rows or files: a repair
+        return None
     if any(check_shard_file(out / e["file"], e, hash_it=not cfg.trust_existing) is not None for e in shards):
         return None
     head = existing.get("lm_head")

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from eagle3_target.data.chat import MAX_LENGTH
-from eagle3_target.data.rows import sample_data_path, worker_owns
+from eagle3_target.data.rows import MAX_ROW_BYTES, sample_data_path, worker_owns
 from eagle3_target.dump.modes import MODES
 
-__all__ = ["DumpConfig", "RENDER_CHOICES", "default", "pin_threads_ok"]
+__all__ = ["DumpConfig", "RENDER_CHOICES", "default", "pin_threads_ok", "worker_tag", "shard_file_name"]
 
 
 RENDER_CHOICES = ("auto", "thread", "process")
@@ -48,8 +48,15 @@ class DumpConfig:
     """Options for the engine's ``build()`` (``--engine-arg``), e.g. ``attention_backend``."""
     vocab: str | None = None
     """Draft-vocab mapping (``eagle3-target vocab``); required for ``draft`` mode."""
+    with_prenorm: bool = False
+    """Also store ``final_prenorm``, the final state before the final norm (what
+    speculators' trainer takes; ``eagle3-target export --to speculators`` needs it).
+    Costs a second target forward per batch and ``H`` values a token."""
     max_length: int | None = MAX_LENGTH
     """Tokens a sample keeps (right truncation; None: all)."""
+    max_row_mb: float = MAX_ROW_BYTES / 2**20
+    """The largest data row read, in MiB; a larger one is skipped with its size
+    (:mod:`eagle3_target.data.rows` says why: rendering takes ~300x a row's size)."""
     mask_reasoning: bool = False
     batch_tokens: int = 8192
     """Padded tokens per target forward (rows x longest row); a longer row runs alone."""
@@ -102,6 +109,9 @@ class DumpConfig:
             self.prefetch = 2 if self.server else 0
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"prefetch must be a non-negative integer, got {self.prefetch!r}")
+        if isinstance(self.max_row_mb, bool) or not isinstance(self.max_row_mb, (int, float)) \
+                or not self.max_row_mb * 2**20 >= 1:
+            raise ValueError(f"max_row_mb must be positive, got {self.max_row_mb!r}")
         if not self.shard_size_mb > 0:
             raise ValueError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -119,6 +129,11 @@ class DumpConfig:
         if self.render not in RENDER_CHOICES:
             raise ValueError(f"render must be one of {', '.join(RENDER_CHOICES)}, got {self.render!r}")
 
+    @property
+    def max_row_bytes(self) -> int:
+        """``max_row_mb`` in bytes."""
+        return int(self.max_row_mb * 2**20)
+
     def render_in_child(self, engine_on_gpu: bool) -> bool:
         """Whether a child process renders the chats (see ``render``); ``engine_on_gpu``:
         the target is an engine in this process, on a GPU."""
@@ -129,17 +144,28 @@ class DumpConfig:
     @property
     def worker_tag(self) -> str:
         """``-iiiii-of-KKKKK`` in this worker's file names (empty for a single worker)."""
-        return "" if self.num_shards == 1 else f"-{self.shard_index:05d}-of-{self.num_shards:05d}"
+        return worker_tag(self.num_shards, self.shard_index)
 
     def manifest_path(self) -> Path:
         return Path(self.out) / f"manifest{self.worker_tag}.json"
 
     def shard_name(self, j: int) -> str:
-        return f"shard{self.worker_tag}-{j:05d}.safetensors"
+        return shard_file_name(self.num_shards, self.shard_index, j)
 
     def owns(self, row: int) -> bool:
         """Whether data row ``row`` is this worker's."""
         return worker_owns(row, self.num_shards, self.shard_index)
+
+
+def worker_tag(num_shards: int, shard_index: int) -> str:
+    """``-iiiii-of-KKKKK``, the part of worker ``shard_index``'s file names that tells the
+    workers of a split dump apart (empty for a single worker)."""
+    return "" if num_shards == 1 else f"-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def shard_file_name(num_shards: int, shard_index: int, j: int) -> str:
+    """The file name of worker ``shard_index``'s shard number ``j``."""
+    return f"shard{worker_tag(num_shards, shard_index)}-{j:05d}.safetensors"
 
 
 def default(name: str) -> Any:

@@ -1,6 +1,7 @@
 """Fault injection for the resume tests: ``EAGLE3_TARGET_DUMP_KILL_AT=name:n`` kills the
 dump's process with SIGKILL the n-th time it passes the point ``name``
-(``batch_done``, ``shard_written``, ``shard_renamed``, ``manifest_written``).
+(``batch_done``, ``shard_written``, ``shard_renamed``, ``manifest_written``; an export's
+``export_file_written``, ``export_file_renamed``).
 
 Unset (every user's case), a point costs one environment lookup.
 """

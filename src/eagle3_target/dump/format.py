@@ -16,7 +16,8 @@ A shard packs its samples along the token axis (``T`` tokens, ``n`` samples):
 (the global data row of each sample), and by mode, already in the EAGLE-3 alignment
 (row ``t`` supervises the prediction made at ``t``; each sample's last row is the zero
 tail): ``hidden`` -> ``hidden_states [T,H]`` (final norm), ``logits`` -> ``logits [T,V]``,
-``draft`` -> ``target_probs [T,Vd] fp32`` and ``position_mask [T] bool``. Float fields
+``draft`` -> ``target_probs [T,Vd] fp32`` and ``position_mask [T] bool``; with
+``--with-prenorm`` also ``final_prenorm [T,H]`` (before the final norm, unshifted). Float fields
 keep the target's dtype. The safetensors metadata holds one key, ``eagle3``: a JSON
 object with the format, the config hash and the shard's manifest entry (enough to
 adopt a shard whose manifest update a kill prevented).
@@ -61,7 +62,7 @@ LM_HEAD_FILE = "lm_head.safetensors"
 
 def expected_fields(config: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
     """Per-token tensors of a shard of this configuration: name -> (dtype name, width or
-    None for 1-D), from the mode table."""
+    None for 1-D), from the mode table (and ``final_prenorm`` when it was asked for)."""
     return MODES[config["mode"]].expected(config)
 
 

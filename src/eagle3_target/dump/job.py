@@ -46,20 +46,20 @@ from eagle3_target.dump.config import DumpConfig
 from eagle3_target.dump.format import (
     FORMAT,
     LM_HEAD_FILE,
+    ShardJob,
     ShardWriter,
-    check_shard_file,
     dtype_name,
     model_fingerprint,
-    read_header_meta,
     read_manifest,
     save_lm_head,
     sha256_file,
 )
-from eagle3_target.dump.modes import MODES, TargetSource
+from eagle3_target.dump.modes import MODES, TargetSource, compute_prenorm
 from eagle3_target.dump.produce import ShardProducer
+from eagle3_target.dump.repair import plan_repairs, regenerate
 from eagle3_target.dump.render import RenderProcess
 from eagle3_target.dump.summary import DumpSummary, Progress, StageClock, config_changes, summary_json
-from eagle3_target.engines.common import quiet_transformers
+from eagle3_target.engines.common import quiet_transformers, text_config
 from eagle3_target.tiny import resolve_model
 from eagle3_target.wire import TOKEN_ENV, read_token
 
@@ -78,7 +78,10 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
         from eagle3_target.client import RemoteTargetError
 
         try:
-            client = RemoteTarget(list(cfg.server), token=read_token(cfg.token_file), mode=cfg.mode)
+            # batch="alone": each request runs in its own engine call, so the shards'
+            # bytes do not depend on what else the servers serve (resumes stay identical).
+            client = RemoteTarget(list(cfg.server), token=read_token(cfg.token_file), mode=cfg.mode,
+                                  batch="alone")
         except RemoteTargetError as e:  # refused (401, wrong mode...) or unreachable: say so plainly
             if e.status == 401:
                 raise ValueError(f"--server {','.join(cfg.server)}: the server wants an access token and got "
@@ -121,6 +124,18 @@ def _source_dims(source: Any, mode: str, mapping: Any) -> tuple[int, int, str]:
                 raise ValueError("the target does not say its vocab_size")
             v = out["logits"].shape[-1]
     return int(h), int(v), dtype_name(dt)
+
+
+def _context_length(source: Any) -> int | None:
+    """The target's context (``max_position_embeddings``), when it says: from the model's
+    config in process, from the server's model info remotely (None if it does not say)."""
+    model = getattr(source, "model", None)
+    if getattr(model, "config", None) is not None:
+        n = getattr(text_config(model.config), "max_position_embeddings", None)
+    else:
+        info = getattr(source, "info", None) or {}
+        n = info.get("max_context", info.get("max_position_embeddings"))  # /v1/model_info says max_context
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _tokenizer_dir(cfg: DumpConfig) -> str:
@@ -210,8 +225,12 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
             source.set_vocab_mapping(mapping)
         hidden_size, vocab_size, dtype = _source_dims(source, cfg.mode, mapping)
         tokenizers.check_tokenizer_fits(tokenizer, vocab_size)
+        if cfg.with_prenorm:  # refuse before anything is written when the target cannot give it
+            probe = torch.zeros((1, 2), dtype=torch.int64)
+            compute_prenorm(source, probe, torch.ones_like(probe), torch.ones_like(probe))
         encoder = ChatEncoder(tokenizer, max_length=cfg.max_length, mask_reasoning=cfg.mask_reasoning,
-                              vocab_size=vocab_size)
+                              vocab_size=vocab_size, max_context=_context_length(source),
+                              max_row_bytes=cfg.max_row_bytes)
         if cfg.strict:
             _, report = scan(data, encoder, keep=cfg.owns)
             if (msg := report.strict_error(cfg.max_length)) is not None:
@@ -298,50 +317,39 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
         d.save_manifest()
     else:
         d.manifest = existing
+    if d.manifest["shards"]:
+        Progress.announcer(cfg.progress)(f"checking the {len(d.manifest['shards'])} finished shards in {out} "
+                                         f"({'sizes only' if cfg.trust_existing else 'sha256 of each'})")
+    # Finished shards: check them, account for every row and shard file (re-adopting an
+    # unlisted shard, e.g. one renamed just before a kill), then recompute what is lost.
+    plan = plan_repairs(d, hash_it=not cfg.trust_existing, log=log)
     head = _LMHeadWriter(d, source, cfg) if cfg.mode == "hidden" else None
 
-    say = Progress.announcer(cfg.progress)
-    if d.manifest["shards"]:
-        say(f"checking the {len(d.manifest['shards'])} finished shards in {out} "
-            f"({'sizes only' if cfg.trust_existing else 'sha256 of each'})")
-    # Finished shards: check, then adopt a shard renamed just before a kill.
-    bad = []
-    for entry in d.manifest["shards"]:
-        why = check_shard_file(out / entry["file"], entry, hash_it=not cfg.trust_existing)
-        if why is not None:
-            log(f"shard {entry['file']}: {why}; regenerating it")
-            bad.append(entry)
-    adopted = _adopt_orphan(d) if not d.manifest["complete"] else 0
-
     d.writer = ShardWriter(out, d.record, d.config_sha, d.fields, cfg.worker_tag, threads=cfg.writer_threads)
-    repaired = 0
+
+    def put(job: ShardJob) -> None:
+        with clock.stage("wait for a writer"):
+            d.writer.put(job)
+
     try:
-        for entry in bad:
-            job = next(d.produce(entry["rows"][0], entry["first_sample"], entry["index"]))
-            want = {k: entry[k] for k in ("rows", "num_samples", "tokens", "first_sample")}
-            if {k: job.entry[k] for k in want} != want:
-                raise RuntimeError(f"cannot repair {entry['file']}: regenerating rows {entry['rows']} "
-                                   f"gave {job.entry}, the manifest says {want}")
-            job.expected_sha256 = entry["sha256"]
-            with clock.stage("wait for a writer"):
-                d.writer.put(job)
-            repaired += 1
+        repaired = regenerate(d, plan, put)
         written = 0
         finishing = not d.manifest["complete"]
         if finishing:
-            shards = d.manifest["shards"]
-            start = shards[-1]["rows"][1] if shards else 0
-            first = sum(e["num_samples"] for e in shards)
+            with d.lock:  # the last listed shard: repairs still being committed lie before it
+                last = d.manifest["shards"][-1] if d.manifest["shards"] else None
+            start = last["rows"][1] if last else 0
+            first = last["first_sample"] + last["num_samples"] if last else 0
+            next_index = last["index"] + 1 if last else 0
             total_rows = count_rows(cfg.data)
             owned = len(range(cfg.shard_index, total_rows, cfg.num_shards))
             done = len(range(cfg.shard_index, start, cfg.num_shards))
             progress = Progress(owned, done, cfg.progress)
-            progress.say(f"{'resuming after ' + str(len(shards)) + ' shards at' if shards else 'starting at'} "
+            progress.say(f"{f'resuming after {next_index} shards at' if last else 'starting at'} "
                          f"row {start:,}: {owned - done:,} of {owned:,} rows left")
             try:
-                for job in d.produce(start, first, len(shards), progress, child=child):
-                    with clock.stage("wait for a writer"):
-                        d.writer.put(job)
+                for job in d.produce(start, first, next_index, progress, child=child):
+                    put(job)
                     written += 1
             finally:
                 progress.close()
@@ -357,20 +365,24 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
                 d.manifest["complete"] = True
                 d.manifest["summary"] = summary_json(d.manifest)
                 d.save_manifest()
+        elif d.manifest.get("summary") != summary_json(d.manifest):  # repaired, or edited
+            with d.lock:
+                d.manifest["summary"] = summary_json(d.manifest)
+                d.save_manifest()
     finally:
         d.copier.close()
         if d.writer.error is None:
             d.writer.close()
         if head is not None:
             head.wait()  # never leave it writing; its error, if any, was raised above
-    for entry in bad:  # a regenerated shard must reproduce the bytes it replaced
+    for entry in plan.damaged:  # a regenerated shard must reproduce the bytes it replaced
         now = next(e for e in d.manifest["shards"] if e["index"] == entry["index"])
         if now["sha256"] != entry["sha256"]:
             log(f"warning: regenerated {entry['file']} differs from the original bytes "
                 f"(different hardware or library versions?); the manifest now records the new hash")
     return summary_of(
         cfg, d.manifest, run_samples=d.run_samples, run_tokens=d.run_tokens, run_bytes=d.writer.bytes_written,
-        run_seconds=time.perf_counter() - t_start, shards_written=written, shards_adopted=adopted,
+        run_seconds=time.perf_counter() - t_start, shards_written=written, shards_adopted=plan.adopted,
         shards_repaired=repaired, run_child_rows=child.rows if child is not None else 0)
 
 
@@ -410,32 +422,3 @@ class _LMHeadWriter:
         self.wait()
         if self.error is not None:
             raise RuntimeError(f"writing {LM_HEAD_FILE} failed: {self.error}") from self.error
-
-
-def _adopt_orphan(d: ShardProducer) -> int:
-    """Lists a shard that was renamed into place but not yet recorded (a kill between the
-    two steps), after checking that its header matches the shard expected next."""
-    from safetensors import safe_open
-
-    shards = d.manifest["shards"]
-    path = Path(d.cfg.out) / d.cfg.shard_name(len(shards))
-    if not path.is_file():
-        return 0
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = read_header_meta(f)
-        entry = meta.get("entry")
-        ok = (meta.get("format") == FORMAT and meta.get("config_sha256") == d.config_sha
-              and isinstance(entry, dict)
-              and entry.get("index") == len(shards)
-              and entry.get("first_sample") == sum(e["num_samples"] for e in shards)
-              and entry.get("rows", [None])[0] == (shards[-1]["rows"][1] if shards else 0))
-    except Exception:  # unreadable: it is not a finished shard of ours
-        ok = False
-    if not ok:
-        path.unlink()
-        return 0
-    with d.lock:
-        shards.append(dict(entry, file=path.name, bytes=path.stat().st_size, sha256=sha256_file(path)))
-        d.save_manifest()
-    return 1

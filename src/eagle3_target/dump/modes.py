@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
     from eagle3_target.contract import Eagle3TargetBatch, LMHead
 
-__all__ = ["TargetSource", "FieldSpec", "ModeSpec", "MODES", "BASE_FIELDS"]
+__all__ = ["TargetSource", "FieldSpec", "ModeSpec", "MODES", "BASE_FIELDS", "PRENORM_FIELD",
+           "stored_fields", "compute_prenorm"]
 
 
 class TargetSource(Protocol):
@@ -39,8 +40,9 @@ class TargetSource(Protocol):
     def close(self) -> None: ...
 
     # Optional: ``hidden_size``, ``vocab_size``, ``dtype`` (probed with a two-token forward
-    # when absent) and ``set_vocab_mapping(mapping)`` (then ``generate_batch`` may return
-    # ``target_probs``/``position_mask`` instead of ``logits`` in draft mode).
+    # when absent), ``set_vocab_mapping(mapping)`` (then ``generate_batch`` may return
+    # ``target_probs``/``position_mask`` instead of ``logits`` in draft mode) and
+    # ``generate_prenorm`` (``--with-prenorm``: ``Eagle3TargetModel.generate_prenorm``).
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ BASE_FIELDS = (FieldSpec("input_ids", "int64"), FieldSpec("loss_mask", "uint8"),
                FieldSpec("aux_hidden_states", "model", ("hidden_size", 3)))
 """Stored in every mode: ids and loss mask unshifted, as rendered; aux unshifted."""
 
+PRENORM_FIELD = FieldSpec("final_prenorm", "model", ("hidden_size", 1))
+"""Stored in any mode when asked (``dump --with-prenorm``; the configuration records
+``"with_prenorm": true``, and only then, so a default dump's bytes do not change): the
+last decoder layer's output *before* the final norm, **unshifted** like aux (row ``t`` is
+the state at position ``t``). speculators' trainer takes this state and applies the
+norm and LM head itself; the hidden mode's ``hidden_states`` are after the norm."""
+
 
 @dataclass(frozen=True)
 class ModeSpec:
@@ -83,7 +92,29 @@ class ModeSpec:
 
     def expected(self, config: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
         """Every per-token tensor of a shard: name -> (dtype name, width or None)."""
-        return {f.name: f.resolve(config) for f in BASE_FIELDS + self.fields}
+        return {f.name: f.resolve(config) for f in stored_fields(self, config)}
+
+
+def stored_fields(spec: ModeSpec, config: dict[str, Any]) -> tuple[FieldSpec, ...]:
+    """The per-token fields a shard of this configuration holds, in file order: the base
+    fields, the mode's, then :data:`PRENORM_FIELD` when the configuration asks for it."""
+    extra = (PRENORM_FIELD,) if config.get("with_prenorm") else ()
+    return BASE_FIELDS + spec.fields + extra
+
+
+def compute_prenorm(source: TargetSource, ids, attn, lmask) -> "torch.Tensor":
+    """``final_prenorm [B,S,H]`` (unshifted) of a batch, or ValueError naming the flag when
+    the target cannot give it (a remote target, or an engine whose capture table says
+    no): never another state under its name."""
+    gen = getattr(source, "generate_prenorm", None)
+    if gen is None:
+        raise ValueError(f"--with-prenorm: {type(source).__name__} gives no state before the final norm "
+                         f"(the server protocol does not carry it); run the dump in process with --model")
+    try:
+        _, pre = gen(ids, attn, lmask)
+    except NotImplementedError as e:
+        raise ValueError(f"--with-prenorm: {e}") from None
+    return pre
 
 
 def _compute_hidden(source: TargetSource, ids, attn, lmask, lengths, mapping) -> "dict[str, torch.Tensor]":

@@ -24,7 +24,7 @@ from eagle3_target.dump.config import DumpConfig
 from eagle3_target.dump.faults import kill_point
 from eagle3_target.dump.format import ShardJob, config_sha256, dtype_name, json_bytes, write_atomic
 from eagle3_target.dump.host import HostCopier, done
-from eagle3_target.dump.modes import BASE_FIELDS, MODES, TargetSource
+from eagle3_target.dump.modes import MODES, TargetSource, compute_prenorm, stored_fields
 from eagle3_target.dump.render import RenderProcess, iter_samples_handover
 from eagle3_target.dump.summary import Progress, StageClock
 from eagle3_target.engines.packing import gather_rows
@@ -42,7 +42,8 @@ class ShardProducer:
         self.config, self.pad_id = config, pad_id
         self.spec = MODES[cfg.mode]
         self.out = Path(cfg.out)
-        self.fields = [f.name for f in BASE_FIELDS] + list(self.spec.field_names)
+        self.fields = [f.name for f in stored_fields(self.spec, config)]
+        self.with_prenorm = bool(config.get("with_prenorm"))
         self.config_sha = config_sha256(config)
         self.limit = int(cfg.shard_size_mb * (1 << 20))
         self.manifest: dict[str, Any] = {}
@@ -57,10 +58,12 @@ class ShardProducer:
     def record(self, job: ShardJob, entry: dict[str, Any]) -> None:
         with self.lock:
             shards = self.manifest["shards"]
-            if job.index < len(shards):
-                shards[job.index] = entry  # a repair
+            # In shard order: a repair replaces its entry or fills a gap.
+            at = next((p for p, e in enumerate(shards) if e["index"] >= job.index), len(shards))
+            if at < len(shards) and shards[at]["index"] == job.index:
+                shards[at] = entry
             else:
-                shards.append(entry)
+                shards.insert(at, entry)
             self.save_manifest()
 
     # -- production -------------------------------------------------------------------
@@ -100,6 +103,8 @@ class ShardProducer:
         lengths = [len(s) for s in b.samples]
         with self.clock.stage("engine"):
             out = self.spec.compute(self.source, b.ids, b.attn, b.lmask, lengths, self.mapping)
+            if self.with_prenorm:  # a second forward: no engine gives both in one today
+                out["final_prenorm"] = compute_prenorm(self.source, b.ids, b.attn, b.lmask)
         aux = out["aux_hidden_states"]
         if dtype_name(aux.dtype) != self.config["dtype"] or aux.shape[-1] != 3 * self.config["hidden_size"]:
             raise RuntimeError(f"the target returned aux_hidden_states {tuple(aux.shape)} {aux.dtype}, "

@@ -3,7 +3,10 @@
 Owns the trainer's side of the on-disk format (:mod:`.format`) a dump writes.
 Shards are opened with ``safetensors.safe_open`` (memory-mapped; no pickle anywhere) and
 a sample is sliced out of the packed tensors on access, so opening a dataset of any
-size reads only headers and offsets. The workers of a split dump (several manifests in
+size reads only headers, offsets and row indices. Opening checks what slicing relies
+on (:mod:`.integrity`): the manifest accounts for every shard and row, and each shard's
+offsets, row indices and counts are sound; an error names the file. Bit flips inside
+tensor data are ``verify``'s to find (sha256). The workers of a split dump (several manifests in
 one folder) are merged back into the single-worker order (by data row).
 
 A sample is what ``Eagle3TargetModel.generate_batch`` returns for that sample alone
@@ -25,10 +28,13 @@ import torch
 from torch.utils.data import Dataset
 
 from eagle3_target.contract import LMHead, shift_left_with_zero, zero_tail
-from eagle3_target.dump.format import LM_HEAD_FILE, load_lm_head, manifest_paths, read_manifest
+from eagle3_target.dump.format import LM_HEAD_FILE, expected_fields, load_lm_head, manifest_paths, read_manifest
+from eagle3_target.dump.integrity import header_entry_problem, manifest_problems, shard_structure_problems
 from eagle3_target.engines.packing import right_pad
 
 __all__ = ["Eagle3Dataset", "collate_eagle3", "rebuild_supervision", "load_lm_head"]
+
+_FIX = "; `eagle3-target verify DIR` lists every problem, and rerunning the same dump command repairs them"
 
 # Per-token float fields and the value right padding fills them with.
 _PAD = {"input_ids": 0, "attention_mask": 0, "loss_mask": 0, "aux_hidden_states": 0,
@@ -55,7 +61,8 @@ class Eagle3Dataset(Dataset):
                  vocab_mapping: Any = None, device: str | torch.device | None = None,
                  allow_incomplete: bool = False):
         self.path = Path(path)
-        manifests = [read_manifest(p) for p in manifest_paths(self.path)]
+        paths = manifest_paths(self.path)
+        manifests = [read_manifest(p) for p in paths]
         if not manifests:
             raise ValueError(f"{self.path}: no manifest*.json (not a dump folder)")
         base = {k: v for k, v in manifests[0]["config"].items() if k != "shard_index"}
@@ -89,13 +96,28 @@ class Eagle3Dataset(Dataset):
         self._offsets: list[torch.Tensor] = []
         from safetensors import safe_open
 
-        for m in manifests:
+        fields = expected_fields(self.config)
+        for mpath, m in zip(paths, manifests):
+            # An unlisted shard is an error in a finished dump; in one still being
+            # written (allow_incomplete) it is the writer's next shard.
+            problems = manifest_problems(m, self.path, mpath.name, unlisted_ok=not m.get("complete"))
+            if problems:
+                more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+                raise ValueError("; ".join(str(self.path / p) for p in problems[:3]) + more + _FIX)
+            cfg = m["config"]
             for entry in m["shards"]:
                 fpath = self.path / entry["file"]
-                with safe_open(str(fpath), framework="pt") as f:
-                    offsets, rows = f.get_tensor("offsets"), f.get_tensor("row_index")
-                if rows.numel() != entry["num_samples"]:
-                    raise ValueError(f"{fpath}: {rows.numel()} samples, manifest says {entry['num_samples']}")
+                if not fpath.is_file():
+                    raise ValueError(f"{fpath}: missing (listed in {mpath.name}){_FIX}")
+                try:
+                    with safe_open(str(fpath), framework="pt") as f:
+                        errs = shard_structure_problems(f, entry, fields, cfg["num_shards"], cfg["shard_index"])
+                        errs += [why] if (why := header_entry_problem(f, entry)) else []
+                        offsets, rows = f.get_tensor("offsets"), f.get_tensor("row_index")
+                except Exception as e:  # not safetensors, truncated, ...: say which file
+                    raise ValueError(f"{fpath}: unreadable ({e}){_FIX}") from None
+                if errs:
+                    raise ValueError(f"{fpath}: {'; '.join(errs)}{_FIX}")
                 s = len(self._files)
                 self._files.append(fpath)
                 self._offsets.append(offsets)
@@ -119,18 +141,34 @@ class Eagle3Dataset(Dataset):
             self._handles, self._pid = {}, os.getpid()
         h = self._handles.get(s)
         if h is None:
-            h = self._handles[s] = safe_open(str(self._files[s]), framework="pt")
+            try:
+                h = self._handles[s] = safe_open(str(self._files[s]), framework="pt")
+            except Exception as e:  # removed or replaced since the dataset was opened
+                raise ValueError(f"{self._files[s]}: unreadable ({e})") from None
         return h
 
-    def raw(self, i: int) -> dict[str, torch.Tensor]:
+    def length(self, i: int) -> int:
+        """Sample ``i``'s tokens (from the shard's offsets; no tensor is read)."""
+        if not 0 <= i < len(self._index):
+            raise IndexError(f"sample {i} out of range [0, {len(self._index)})")
+        _, s, j = self._index[i]
+        return int(self._offsets[s][j + 1] - self._offsets[s][j])
+
+    def raw(self, i: int, fields: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Sample ``i`` as stored: unshifted ``input_ids``/``loss_mask`` and the
-        per-token supervision fields."""
+        per-token supervision fields (only ``fields`` when given: the others are not read)."""
         if not 0 <= i < len(self._index):
             raise IndexError(f"sample {i} out of range [0, {len(self._index)})")
         _, s, j = self._index[i]
         a, b = (int(x) for x in self._offsets[s][j: j + 2])
         f = self._handle(s)
-        return {name: f.get_slice(name)[a:b] for name in f.keys() if name not in ("offsets", "row_index")}
+        names = [n for n in f.keys() if n not in ("offsets", "row_index")]
+        if fields is not None:
+            missing = sorted(set(fields) - set(names))
+            if missing:
+                raise KeyError(f"{self._files[s].name} has no field {missing}; it holds {names}")
+            names = [n for n in names if n in fields]
+        return {name: f.get_slice(name)[a:b] for name in names}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         raw = self.raw(i)

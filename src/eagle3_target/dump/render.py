@@ -52,7 +52,7 @@ import numpy as np
 
 from eagle3_target.data.chat import ChatEncoder
 from eagle3_target.data.samples import Sample, Skipped, encode_row
-from eagle3_target.data.rows import iter_raw_rows, worker_owns
+from eagle3_target.data.rows import MAX_ROW_BYTES, iter_raw_rows, worker_owns
 from eagle3_target.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from eagle3_target.wire.frames import FrameReader, die_with_parent, write_frame
 
@@ -77,18 +77,22 @@ class RenderJob:
     mask_reasoning: bool
     vocab_size: int | None
     use_template_mask: bool
+    max_context: int | None = None
+    max_row_bytes: int = MAX_ROW_BYTES
 
     @classmethod
     def of(cls, paths: Sequence[str | Path], encoder: ChatEncoder, start: int,
            num_shards: int, shard_index: int) -> "RenderJob":
         return cls([str(p) for p in paths], start, num_shards, shard_index, encoder.max_length,
-                   encoder.mask_reasoning, encoder.vocab_size, encoder.use_template_mask)
+                   encoder.mask_reasoning, encoder.vocab_size, encoder.use_template_mask,
+                   encoder.max_context, encoder.max_row_bytes)
 
     def encoder(self, tokenizer: Any) -> ChatEncoder:
         """The :class:`ChatEncoder` that :meth:`of` read these settings from, rebuilt on
         ``tokenizer`` (the child's)."""
         enc = ChatEncoder(tokenizer, max_length=self.max_length, mask_reasoning=self.mask_reasoning,
-                          vocab_size=self.vocab_size, use_template_mask=self.use_template_mask)
+                          vocab_size=self.vocab_size, use_template_mask=self.use_template_mask,
+                          max_context=self.max_context, max_row_bytes=self.max_row_bytes)
         if enc.use_template_mask != self.use_template_mask:
             raise RuntimeError("the child cannot use the template's assistant mask as the parent does")
         return enc
@@ -230,7 +234,7 @@ def iter_samples_handover(paths: Sequence[str | Path], encoder: ChatEncoder, *, 
     ``child`` is ready, by the child from the next row on."""
     job = RenderJob.of(paths, encoder, start, num_shards, shard_index)
     next_poll = 0.0
-    for raw in iter_raw_rows(paths, start=start, keep=job.keeps):
+    for raw in iter_raw_rows(paths, start=start, keep=job.keeps, max_row_bytes=encoder.max_row_bytes):
         mine = None
         if child is not None and (now := time.monotonic()) >= next_poll:
             next_poll = now + POLL_SECONDS
@@ -273,7 +277,7 @@ def main() -> int:
             return 0  # the parent finished without us
         job = RenderJob(**json.loads(line)["job"])
         encoder = job.encoder(tokenizer)
-        for raw in iter_raw_rows(job.paths, start=job.start, keep=job.keeps):
+        for raw in iter_raw_rows(job.paths, start=job.start, keep=job.keeps, max_row_bytes=job.max_row_bytes):
             item = encode_row(raw, encoder)
             if isinstance(item, Sample):
                 write_frame(out, b"S", _sample_payload(item))

@@ -1,9 +1,13 @@
 """Checking a dump against its manifests (behind ``eagle3-target verify DIR``).
 
-Owns :func:`verify_dump`: every shard of every worker's manifest is checked for size
-and sha256, header, tensor names, dtypes and shapes, offsets and row indices, token and
-supervised-token counts, NaN/Inf, and the mode's invariants; the workers of a split dump
-must all be present and agree on their configuration. Exit code 0 when all is sound.
+Owns :func:`verify_dump`: every manifest must account for its worker's rows and shard
+files (no unlisted shard, no gap in the row ranges, counts that agree: the rules of
+:mod:`.integrity`); every shard it lists is checked for size and sha256, structure
+(tensor names, dtypes and shapes, offsets and row indices, the header's entry), token
+and supervised-token counts, NaN/Inf, and the mode's invariants; the workers of a split
+dump must all be present and agree on their configuration. Exit code 0 when all is sound.
+Without the sha256 (``hash_shards=False``) a flipped bit inside tensor data can pass:
+structure and counts are checked, the bytes are not.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from typing import Any
 
 import torch
 
+from eagle3_target.dump.config import shard_file_name
 from eagle3_target.dump.format import check_shard_file, expected_fields, manifest_paths, read_manifest
+from eagle3_target.dump.integrity import (entry_problem, header_entry_problem, manifest_problems,
+                                         shard_structure_problems)
 
 __all__ = ["VerifyReport", "verify_dump"]
 
@@ -27,10 +34,11 @@ class VerifyReport:
 
 
 def verify_dump(path: str | Path, *, hash_shards: bool = True) -> VerifyReport:
-    """Checks every shard of every manifest in ``path``: file size and sha256, header,
-    dtypes and shapes, offsets and row indices, token and supervised-token counts,
-    NaN/Inf, and mode invariants (probabilities sum to 1, position_mask within the
-    loss mask). ``ok`` is False on any problem or an unfinished dump."""
+    """Checks every manifest in ``path`` accounts for its rows and shard files, and
+    every shard: file size and sha256 (``hash_shards``), header, dtypes and shapes,
+    offsets and row indices, token and supervised-token counts, NaN/Inf, and mode
+    invariants (probabilities sum to 1, position_mask within the loss mask). ``ok`` is
+    False on any problem or an unfinished dump."""
     from safetensors import safe_open
 
     d = Path(path)
@@ -57,31 +65,30 @@ def verify_dump(path: str | Path, *, hash_shards: bool = True) -> VerifyReport:
             why = check_shard_file(lh, m["lm_head"], hash_it=hash_shards)
             if why:
                 problems.append(f"{lh.name}: {why}")
-        next_sample, next_row = 0, 0
-        for entry in m["shards"]:
+        for why in manifest_problems(m, d, mpath.name):
+            problems.append(why)
+            lines.append(f"FAIL {why}")
+        for entry in m["shards"] if isinstance(m.get("shards"), list) else []:
+            if entry_problem(entry) is not None or entry["file"] != shard_file_name(k, i, entry["index"]):
+                continue  # reported above; nothing to check it against
             name = entry["file"]
             why = check_shard_file(d / name, entry, hash_it=hash_shards)
             errs = [why] if why else []
             if not errs:
                 try:
                     with safe_open(str(d / name), framework="pt") as f:
-                        errs += _check_shard_tensors(f, entry, cfg, fields, k, i)
+                        errs += shard_structure_problems(f, entry, fields, k, i)
+                        if not errs:
+                            errs += _check_shard_tensors(f, entry, cfg, fields)
+                        if (why := header_entry_problem(f, entry)) is not None:
+                            errs.append(why)
                 except Exception as e:
                     errs.append(f"unreadable ({e})")
-            if entry["first_sample"] != next_sample or entry["rows"][0] != next_row:
-                errs.append(f"does not follow the previous shard (first sample {entry['first_sample']}, "
-                            f"expected {next_sample}; first row {entry['rows'][0]}, expected {next_row})")
-            next_sample = entry["first_sample"] + entry["num_samples"]
-            next_row = entry["rows"][1]
             if errs:
                 problems += [f"{name}: {e}" for e in errs]
                 lines.append(f"FAIL {name}: {'; '.join(errs)}")
             else:
                 lines.append(f"ok   {name}: {entry['num_samples']} samples, {entry['tokens']} tokens")
-        listed = {e["file"] for e in m["shards"]}
-        tag = "" if k == 1 else f"-{i:05d}-of-{k:05d}"
-        for extra in sorted(p.name for p in d.glob(f"shard{tag}-*.safetensors") if p.name not in listed):
-            lines.append(f"note {extra}: not in {mpath.name} (a rerun adopts or replaces it)")
     if configs:
         base = {k: v for k, v in configs[0].items() if k != "shard_index"}
         if any({k: v for k, v in c.items() if k != "shard_index"} != base for c in configs):
@@ -97,33 +104,11 @@ def verify_dump(path: str | Path, *, hash_shards: bool = True) -> VerifyReport:
 
 
 def _check_shard_tensors(f: Any, entry: dict[str, Any], cfg: dict[str, Any],
-                         fields: dict[str, tuple[str, int | None]], k: int, i: int) -> list[str]:
+                         fields: dict[str, tuple[str, int | None]]) -> list[str]:
+    """The contents of a structurally sound shard: ids, masks, counts, finite values and
+    the mode's invariants."""
     errs: list[str] = []
-    keys = set(f.keys())
-    want = set(fields) | {"offsets", "row_index"}
-    if keys != want:
-        return [f"tensors {sorted(keys)}, expected {sorted(want)}"]
-    n, t_total = entry["num_samples"], entry["tokens"]
-    offsets, rows = f.get_tensor("offsets"), f.get_tensor("row_index")
-    if tuple(offsets.shape) != (n + 1,) or tuple(rows.shape) != (n,):
-        return [f"offsets {tuple(offsets.shape)} / row_index {tuple(rows.shape)} for {n} samples"]
-    if int(offsets[0]) != 0 or int(offsets[-1]) != t_total or bool((offsets[1:] <= offsets[:-1]).any()):
-        errs.append(f"offsets do not split {t_total} tokens into {n} non-empty samples")
-    r0, r1 = entry["rows"]
-    if n and (bool((rows[1:] <= rows[:-1]).any()) or int(rows[0]) < r0 or int(rows[-1]) >= r1
-              or bool((rows % k != i).any())):
-        errs.append(f"row_index not increasing within rows [{r0}, {r1}) of worker {i} of {k}")
-    for name, (dt, width) in fields.items():
-        meta = f.get_slice(name)
-        shape = tuple(meta.get_shape())
-        want_shape = (t_total,) if width is None else (t_total, width)
-        got_dt = str(meta.get_dtype())
-        want_dt = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
-                   "uint8": "U8", "bool": "BOOL"}[dt]
-        if shape != want_shape or got_dt != want_dt:
-            errs.append(f"{name} is {shape} {got_dt}, expected {want_shape} {want_dt}")
-    if errs:
-        return errs
+    offsets = f.get_tensor("offsets")
     ids, lm = f.get_tensor("input_ids"), f.get_tensor("loss_mask")
     if bool(((ids < 0) | (ids >= cfg["vocab_size"])).any()):
         errs.append(f"input_ids outside [0, {cfg['vocab_size']})")

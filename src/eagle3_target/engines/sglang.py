@@ -31,6 +31,10 @@ version string; the version is read once, only to refuse releases outside
 :data:`SUPPORTED_SGLANG` before any model is loaded. What each release changed is in
 docs/sglang.md ("Capture table" and "Versions"). sglang is imported on first build,
 never by ``import eagle3_target``.
+
+``regenerate`` generates through SGLang's public offline ``sglang.Engine`` instead
+(:func:`offline_engine`, :func:`offline_generate`, at the end of this module), never
+through the private runner above.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ from eagle3_target.engines.tp import TPGroup, TPWorkerError, WorkerSpec
 __all__ = ["SGLangTargetRunner", "SGLangUnavailableError", "build", "sglang_dtype_str", "MODES",
            "Eagle3LogitsProcessor", "full_logits", "wrap_logits_processors",
            "CAPTURE_TABLE", "Capture", "capture_rule", "SUPPORTED_SGLANG", "check_sglang_version",
-           "ANY_VERSION_ENV", "unpack_aux", "build_rank", "WORKER_BUILDER", "TPWorkerError"]
+           "ANY_VERSION_ENV", "unpack_aux", "build_rank", "WORKER_BUILDER", "TPWorkerError",
+           "offline_engine", "offline_generate", "offline_seed_field"]
 
 log = logging.getLogger(__name__)
 
@@ -1143,3 +1148,43 @@ def _abort_collectives(why: str) -> None:
     if abort is not None and torch.distributed.is_initialized():
         log.error("%s: aborting the collectives", why)
         abort()
+
+
+# --------------------------------------------------------------------------- offline Engine
+
+
+def offline_engine(model_path: str, *, dtype: str | None = None, tp_size: int = 1, **server_args: Any) -> Any:
+    """SGLang's public offline ``sglang.Engine`` on ``model_path`` (token ids in, token
+    ids out: ``skip_tokenizer_init``, since ``regenerate`` renders and decodes with its
+    own tokenizer), for generation only; the capture engine above never touches it.
+    ``server_args`` go to the Engine (``mem_fraction_static``, ``attention_backend``...).
+    Raises :class:`SGLangUnavailableError` without a GPU or a supported sglang."""
+    if _cuda_device_count() == 0:
+        raise SGLangUnavailableError("the SGLang engine needs a CUDA GPU; use --engine hf on the CPU")
+    if importlib.util.find_spec("sglang") is None:
+        raise SGLangUnavailableError("--engine sglang needs the sglang package (pip install "
+                                     "'eagle3-target[sglang]'), or use --engine hf")
+    check_sglang_version(_installed_version("sglang"))
+    _tolerate_duplicate_config_registration()
+    import sglang
+
+    return sglang.Engine(model_path=model_path, dtype=dtype or "auto", tp_size=tp_size,
+                         skip_tokenizer_init=True, **server_args)
+
+
+def offline_seed_field() -> str | None:
+    """The per-request seed field of SGLang's sampling parameters (``sampling_seed``
+    where the installed release has it), or None."""
+    try:
+        from sglang.srt.sampling.sampling_params import SamplingParams
+    except ImportError:
+        return None
+    return "sampling_seed" if "sampling_seed" in inspect.signature(SamplingParams).parameters else None
+
+
+def offline_generate(engine: Any, input_ids: Sequence[Sequence[int]],
+                     sampling_params: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``engine.generate`` on a batch of token-id prompts, one sampling dict each: one
+    result per prompt, in order (``output_ids``, ``meta_info.finish_reason``)."""
+    out = engine.generate(input_ids=[list(p) for p in input_ids], sampling_params=list(sampling_params))
+    return out if isinstance(out, list) else [out]

@@ -1,28 +1,29 @@
 """Who may ask: the token check and the ASGI guard around the whole app.
 
 :class:`Guard` is pure ASGI (no per-request task or copy): it checks the token
-(constant-time, Bearer or HTTP Basic password; ``/health`` stays open) and records
-metrics for every response, 401s and 404s included.
+(constant-time, Bearer or HTTP Basic password; ``/health`` stays open) from the headers
+alone, so no token is needed to be refused but none to hold a connection either, and
+records metrics for every response, 401s and 404s included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from eagle3_target.server.metrics import ServerMetrics
 
-__all__ = ["Guard", "token_matches", "drain", "DRAIN_LIMIT"]
+__all__ = ["Guard", "token_matches"]
 
-# A body over the cap is read and dropped up to this many bytes, so the client sees
-# the 413 instead of a reset connection; beyond it the connection is closed.
-DRAIN_LIMIT = 256 << 20
+log = logging.getLogger("eagle3_target.server")
 
 
 def _header(scope: dict, name: bytes) -> str | None:
@@ -54,18 +55,6 @@ def token_matches(authorization: str | None, token_digest: bytes) -> bool:
     return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), token_digest)
 
 
-async def drain(receive: Callable, limit: int) -> None:
-    """Reads and drops the request body (up to ``limit`` bytes)."""
-    seen = 0
-    while seen <= limit:
-        msg = await receive()
-        if msg["type"] != "http.request":
-            return
-        seen += len(msg.get("body", b""))
-        if not msg.get("more_body", False):
-            return
-
-
 class Guard:
     """Auth and metrics around the whole app (pure ASGI: no per-request task or copy)."""
 
@@ -89,6 +78,7 @@ class Guard:
         async def send_wrapper(msg: dict) -> None:
             if msg["type"] == "http.response.start":
                 status["code"] = msg["status"]
+                status["started"] = 1
             elif msg["type"] == "http.response.body":
                 sent["bytes"] += len(msg.get("body", b""))
             await send(msg)
@@ -99,7 +89,8 @@ class Guard:
         try:
             if (self._digest is not None and path != "/health"
                     and not token_matches(_header(scope, b"authorization"), self._digest)):
-                await drain(receive, DRAIN_LIMIT)
+                # Decided from the headers alone: the body is never read (the connection
+                # closes after the answer; the protocol lingers so the client reads it).
                 body = json.dumps({"error": "unauthorized", "detail":
                                    "missing or wrong token: send 'Authorization: Bearer <token>' "
                                    "or HTTP Basic auth with the token as the password"}).encode()
@@ -107,10 +98,24 @@ class Guard:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"www-authenticate", b'Bearer realm="eagle3-target", Basic realm="eagle3-target"'),
+                    (b"connection", b"close"),
                 ]})
                 await send_wrapper({"type": "http.response.body", "body": body})
                 return
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            # Only the shutdown cancels a request (one still waiting on the engine after
+            # the grace period): one line instead of a traceback, and a 503 the client
+            # may retry elsewhere when nothing was answered yet.
+            log.warning("%s %s cancelled by the shutdown", scope.get("method", "?"), path)
+            if status["code"] == 500 and not sent["bytes"] and not status.get("started"):
+                body = json.dumps({"error": "stopping", "detail": "the server shut down before "
+                                   "this request was answered; retry"}).encode()
+                await send({"type": "http.response.start", "status": 503, "headers": [
+                    (b"content-type", b"application/json"), (b"connection", b"close"),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                status["code"] = 503
         finally:
             if counted:
                 self.metrics.in_flight.dec()

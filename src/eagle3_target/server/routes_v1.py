@@ -20,7 +20,15 @@ from starlette.concurrency import run_in_threadpool
 from eagle3_target.contract import HiddenRunner
 from eagle3_target.errors import ApiError
 from eagle3_target.server.identity import folder_identity
-from eagle3_target.server.state import OCTET, ServerState, json_response, mapping_from, model_info
+from eagle3_target.server.state import (
+    OCTET,
+    ServerState,
+    answer_bytes,
+    context_length,
+    json_response,
+    mapping_from,
+    model_info,
+)
 from eagle3_target.server.worker import Job
 from eagle3_target.wire.v1 import (
     MAX_TOPK,
@@ -53,20 +61,26 @@ class SafetensorsStream(Response):
     media_type = OCTET
 
     def __init__(self, header: bytes, pieces: list[memoryview], *, headers: dict[str, str],
-                 chunk: int = 1 << 20):
+                 chunk: int = 1 << 20, on_done: Callable[[], None] | None = None):
         self._header, self._pieces, self._chunk = header, pieces, chunk
+        self._on_done = on_done
         super().__init__(b"", media_type=OCTET, headers=headers)
         self.headers["content-length"] = str(len(header) + sum(p.nbytes for p in pieces))
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self._header, "more_body": True})
-        for piece in self._pieces:
-            for off in range(0, piece.nbytes, self._chunk):
-                await send({"type": "http.response.body", "body": piece[off:off + self._chunk],
-                            "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self._header, "more_body": True})
+            for piece in self._pieces:
+                for off in range(0, piece.nbytes, self._chunk):
+                    await send({"type": "http.response.body", "body": piece[off:off + self._chunk],
+                                "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._pieces = []
+            if self._on_done is not None:
+                self._on_done()
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
@@ -97,6 +111,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "max_batch_tokens": state.settings.max_batch_tokens,
             "max_request_tokens": state.settings.max_batch_tokens,
             "max_request_bytes": state.settings.max_request_bytes,
+            "max_context": context_length(target),
         })
 
     @app.get("/v1/input_embeddings")
@@ -156,15 +171,24 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             tensors = decode_safetensors(body)
             return check_inputs(tensors, vocab_size=target.vocab_size,
                                 need_loss_mask=params.mode == "draft",
-                                max_tokens=state.settings.max_batch_tokens)
+                                max_tokens=state.settings.max_batch_tokens,
+                                max_seq=context_length(target))
 
         ids, mask, loss = await run_in_threadpool(prepare)
         job = Job(mode=params.mode, input_ids=ids, attention_mask=mask, loss_mask=loss,
-                  mapping=mapping, out_dtype=OUTPUT_DTYPES[params.dtype], k=params.k)
-        res = await state.run(job)
-        meta = {"protocol": str(PROTOCOL_VERSION), "mode": params.mode,
-                "aux_layer_ids": json.dumps(list(target.aux_layer_ids))}
-        header, pieces = await run_in_threadpool(safetensors_parts, res, meta)
+                  mapping=mapping, out_dtype=OUTPUT_DTYPES[params.dtype], k=params.k,
+                  alone=params.batch == "alone")
+        held = await state.budget.acquire(answer_bytes(params.mode, ids, target, dtype=params.dtype,
+                                                       k=params.k, mapping=mapping))
+        try:
+            res = await state.run(job)
+            meta = {"protocol": str(PROTOCOL_VERSION), "mode": params.mode,
+                    "aux_layer_ids": json.dumps(list(target.aux_layer_ids))}
+            header, pieces = await run_in_threadpool(safetensors_parts, res, meta)
+        except BaseException:
+            state.budget.release(held)
+            raise
+        del res
         state.metrics.tokens.labels(params.mode).inc(job.real_tokens)
-        return SafetensorsStream(header, pieces,
+        return SafetensorsStream(header, pieces, on_done=lambda: state.budget.release(held),
                                  headers={"X-Eagle3-Batch-Requests": str(job.batch_requests)})

@@ -5,8 +5,9 @@ Order of events: check flags and the token, bind the socket (loopback by default
 a non-loopback address needs a token or ``--insecure``), print one ``listening`` line,
 start uvicorn (``/health`` answers 503 while the engine worker loads the model), print
 one ``ready`` line, serve. SIGTERM/SIGINT stop accepting connections, let in-flight
-requests finish (queued jobs drain through the engine), close the engine, print
-``stopped`` and exit 0. A model that fails to load exits 1.
+requests finish (a client that stalls its answer or body is cut off after
+``shutdown_timeout_s``; requests still on the engine after ``drain_timeout_s`` are
+cancelled with a 503), close the engine, print ``stopped`` and exit 0. A model that fails to load exits 1.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def run_server(loader: Callable[[], Any], settings: "ServerSettings") -> int:
 
     from eagle3_target.server.app import create_app
     from eagle3_target.server.metrics import ServerMetrics
+    from eagle3_target.server.protocol import guarded_protocol, limits_from
     from eagle3_target.server.worker import EngineWorker
 
     s = settings
@@ -121,8 +123,12 @@ def run_server(loader: Callable[[], Any], settings: "ServerSettings") -> int:
             server.should_exit = True
 
     app = create_app(s, worker, metrics, request_shutdown=request_shutdown)
+    protocol = guarded_protocol(limits_from(s))
+    # The protocol bounds what clients may still take at shutdown (shutdown_timeout_s);
+    # uvicorn's limit, which cancels the handlers, bounds what the engine may still take.
     config = uvicorn.Config(app, log_level=s.log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=60, server_header=False, http=s.http)
+                            timeout_graceful_shutdown=s.drain_timeout_s, server_header=False,
+                            http=protocol, timeout_keep_alive=s.idle_timeout_s)
     server = uvicorn.Server(config)
     holder["server"] = server
     # uvicorn re-raises the signal it caught once it has shut down gracefully; with our

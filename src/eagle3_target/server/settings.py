@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 __all__ = ["ServerSettings", "HTTP_IMPLEMENTATIONS", "LOG_LEVELS"]
 
-HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
+# Both name uvicorn's httptools parser under the server's guarded connection protocol
+# (:mod:`.protocol`): h11 is not offered, since the limits below live in that protocol.
+HTTP_IMPLEMENTATIONS = ("auto", "httptools")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -35,7 +37,28 @@ class ServerSettings:
     retry_after_s: int = 2
     log_level: str = "warning"
     http: str = "auto"
-    """uvicorn's HTTP/1.1 implementation: ``auto`` (httptools when installed), ``httptools``, ``h11``."""
+    """The HTTP/1.1 parser: ``auto`` = ``httptools`` (the only one; kept for old scripts)."""
+    # -- connection bounds (:class:`~.protocol.HttpLimits`; docs/protocol.md) ----------
+    max_header_bytes: int = 64 << 10
+    """Request line plus headers; 431 above."""
+    max_headers: int = 100
+    """Request headers; 431 above."""
+    header_timeout_s: float = 10.0
+    """A request's headers must arrive within this (408 and close otherwise)."""
+    body_timeout_s: float = 120.0
+    """A request's body must arrive within this after its headers (close otherwise)."""
+    send_timeout_s: float = 30.0
+    """A client that reads nothing of its answer for this long is cut off."""
+    idle_timeout_s: float = 5.0
+    """A keep-alive connection with no request for this long is closed."""
+    shutdown_timeout_s: float = 5.0
+    """On SIGTERM/SIGINT: how long a client may still take to read its answer or send
+    its body before it is cut off."""
+    drain_timeout_s: float = 60.0
+    """On SIGTERM/SIGINT: requests still on the engine after this are cancelled (503)."""
+    max_response_bytes: int = 4 << 30
+    """Result bytes held for answers not yet sent, over all connections; a request
+    waits for room before it runs (one request larger than this runs alone)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -44,3 +67,13 @@ class ServerSettings:
             raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_header_bytes < 1024 or self.max_headers < 8:
+            raise ValueError(f"--max-header-bytes must be >= 1024 and --max-headers >= 8, got "
+                             f"{self.max_header_bytes} and {self.max_headers}")
+        for name in ("header_timeout_s", "body_timeout_s", "send_timeout_s", "idle_timeout_s",
+                     "shutdown_timeout_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                flag = "--" + name[:-2].replace("_", "-")
+                raise ValueError(f"{flag} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_response_bytes < 1 << 20:
+            raise ValueError(f"--max-response-bytes must be >= 1 MiB, got {self.max_response_bytes}")

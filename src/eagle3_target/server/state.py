@@ -8,27 +8,95 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from eagle3_target.engines.common import text_config
 from eagle3_target.errors import ApiError, EngineFailed, EngineOverloaded, WorkerUnavailable
-from eagle3_target.server.auth import DRAIN_LIMIT, drain
 from eagle3_target.server.metrics import ServerMetrics
 from eagle3_target.server.settings import ServerSettings
 from eagle3_target.server.worker import EngineWorker, Job
 from eagle3_target.vocab import VocabMapping
+from eagle3_target.wire.v1 import NEMO_GENERATE, response_spec
 
-__all__ = ["ServerState", "OCTET", "json_response", "model_info", "mapping_from"]
+__all__ = ["ServerState", "ByteBudget", "HeldResponse", "OCTET", "answer_bytes", "json_response",
+           "model_info", "mapping_from", "context_length"]
 
 log = logging.getLogger("eagle3_target.server")
 
 OCTET = "application/octet-stream"
 _BINARY_TYPES = {"", OCTET, "application/x-safetensors"}
+# An answer given before the request body was read ends the connection (the protocol
+# lingers so the client still reads it): the unread body must not be parsed as the
+# next request, and reading it first would let anyone hold the connection.
+_CLOSE = {"Connection": "close"}
+
+
+class ByteBudget:
+    """Bytes of results held for answers not yet sent, over all connections.
+
+    A request takes its answer's size (from the protocol's :func:`response_spec`) before
+    it runs and gives it back once the answer is sent or dropped; while the budget is
+    spent, new requests wait, so clients that stop reading slow the server down instead
+    of filling its memory (each is cut off after ``send_timeout_s``). A request larger
+    than the whole budget takes all of it and runs alone. Used from the event loop only.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self, n: int) -> int:
+        """Waits for room for ``n`` bytes; returns what was taken (for :meth:`release`)."""
+        n = max(0, min(n, self.total))
+        while self.used + n > self.total:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        waiters, self._waiters = self._waiters, collections.deque()
+        for fut in waiters:  # each re-checks; the ones that still do not fit queue again
+            if not fut.done():
+                fut.set_result(None)
+
+
+def answer_bytes(mode: str, ids: torch.Tensor, target: Any, *, dtype: str = "auto",
+                 k: int | None = None, mapping: VocabMapping | None = None) -> int:
+    """What a ``[B,S]`` request's answer holds, in bytes (floats under ``auto`` counted
+    at 4 bytes: the budget errs towards holding more)."""
+    b, s = ids.shape
+    nemo = mode == NEMO_GENERATE.name
+    spec = response_spec("draft" if nemo else mode, rows=b, seq=s, info=model_info(target),
+                         dtype=dtype, k=k, draft_vocab=mapping.draft_vocab_size if mapping else None)
+    total = sum(math.prod(shape) * (dt.itemsize if dt is not None else 4)
+                for shape, dt in spec.values())
+    return total + (16 * b * s if nemo else 0)  # NeMo's shifted input_ids and loss_mask
+
+
+class HeldResponse(Response):
+    """A response that gives its result bytes back to the :class:`ByteBudget` once it
+    was sent (or the client went away)."""
+
+    def __init__(self, content: bytes, release: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class ServerState:
@@ -43,6 +111,7 @@ class ServerState:
         self.mappings: collections.OrderedDict[str, VocabMapping] = collections.OrderedDict()
         self.nemo_mapping: VocabMapping | None = None
         self.stopping = False
+        self.budget = ByteBudget(settings.max_response_bytes)
 
     @property
     def target(self):
@@ -70,20 +139,21 @@ class ServerState:
         if binary:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in _BINARY_TYPES:
-                await drain(request.receive, DRAIN_LIMIT)
                 raise ApiError(415, "unsupported_media_type",
-                               f"content-type {ctype!r}: send application/octet-stream")
+                               f"content-type {ctype!r}: send application/octet-stream",
+                               headers=_CLOSE)
         limit = self.settings.max_request_bytes
         cl = request.headers.get("content-length")
         if cl is not None:
             try:
                 declared = int(cl)
             except ValueError:
-                raise ApiError(400, "bad_request", f"Content-Length {cl[:32]!r} is not an integer")
-            if declared > limit:
-                await drain(request.receive, DRAIN_LIMIT)
+                raise ApiError(400, "bad_request", f"Content-Length {cl[:32]!r} is not an integer",
+                               headers=_CLOSE)
+            if declared > limit:  # from the headers: the body is never read
                 raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds this "
-                                                      f"server's limit of {limit} bytes")
+                                                      f"server's limit of {limit} bytes",
+                               headers=_CLOSE)
         chunks, total, more = [], 0, True
         while more:
             msg = await request.receive()
@@ -92,10 +162,9 @@ class ServerState:
             chunk, more = msg.get("body", b""), msg.get("more_body", False)
             total += len(chunk)
             if total > limit:
-                if more:
-                    await drain(request.receive, DRAIN_LIMIT)
                 raise ApiError(413, "body_too_large",
-                               f"body exceeds this server's limit of {limit} bytes")
+                               f"body exceeds this server's limit of {limit} bytes",
+                               headers=_CLOSE if more else None)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -125,6 +194,16 @@ class ServerState:
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
     """A JSON answer (errors use ``ApiError.body()``)."""
     return JSONResponse(obj, status_code=status, headers=headers)
+
+
+def context_length(target: Any) -> int | None:
+    """The longest row the model takes (its ``max_position_embeddings``), or None when
+    the engine's config does not say."""
+    value = getattr(target, "max_context", None)
+    if value is None:
+        config = getattr(getattr(target, "model", None), "config", None)
+        value = getattr(text_config(config), "max_position_embeddings", None) if config else None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def model_info(target: Any) -> dict[str, Any]:

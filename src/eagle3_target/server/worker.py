@@ -3,7 +3,8 @@
 HTTP handlers never touch the model's forward. They validate a request, wrap it as a
 :class:`Job` and :meth:`EngineWorker.submit` it; the worker thread takes the oldest
 job, packs every queued job of the same kind (``logits`` or ``hidden`` forward) that
-fits ``max_batch_tokens`` (rows x longest row, right-padded) into one engine call,
+fits ``max_batch_tokens`` (rows x longest row, right-padded) into one engine call
+(a job that asked to run ``alone`` is never merged, either way),
 splits the outputs back by row range, and finishes each job's own post-processing
 (:mod:`.outputs`: EAGLE-3 shift, draft projection, top-k, dtype) before resolving its
 future. GPU results
@@ -74,6 +75,8 @@ class Job:
     mapping: VocabMapping | None = None
     out_dtype: torch.dtype | None = None
     k: int | None = None
+    alone: bool = False
+    """Run in an engine call of its own (the request's ``batch=alone``)."""
     future: Future = field(default_factory=Future)
     batch_requests: int = 0
     """Set by the worker: how many requests shared the engine call."""
@@ -230,7 +233,8 @@ class EngineWorker:
         keep: collections.deque[Job] = collections.deque()
         while self._pending:
             job = self._pending.popleft()
-            if kind is not None and job.kind != kind:
+            # A job asked to run alone neither joins a batch nor lets one join it.
+            if (kind is not None and job.kind != kind) or (batch and (job.alone or batch[0].alone)):
                 keep.append(job)
                 continue
             new_rows, new_seq = rows + job.rows, max(seq, job.seq_len)

@@ -12,6 +12,7 @@ Nothing here touches the engine: a request is fully validated before it is queue
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "NEMO_GENERATE",
     "LM_HEAD_KEYS",
     "MAX_TOPK",
+    "BATCH_POLICIES",
     "OUTPUT_DTYPES",
     "INPUT_KEYS",
     "RESPONSE_KEYS",
@@ -43,10 +45,18 @@ __all__ = [
     "decode_safetensors",
     "encode_safetensors",
     "safetensors_parts",
+    "MAX_REQUEST_TENSORS",
+    "response_spec",
 ]
 
 PROTOCOL_VERSION = 1
 MAX_TOPK = 64
+
+# How a request may share the engine (query parameter ``batch``). A merged call pads
+# every row to the longest and changes the kernels' shapes, so its floats can differ
+# in the last bits from the same rows run alone; ``alone`` trades throughput for bytes
+# that depend on the request only (the dump asks for it: its resumes are byte-identical).
+BATCH_POLICIES = ("shared", "alone")
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,12 @@ RESPONSE_KEYS: dict[str, tuple[str, ...]] = {name: m.outputs for name, m in MODE
 # GET /v1/lm_head: the LM head's tensors (LMHead.to_tensors()).
 LM_HEAD_KEYS = ("weight", "bias", "logit_scale", "logit_softcap")
 
+# A request body holds at most this many tensors (the three of INPUT_KEYS, or a mapping's
+# two); the header is checked before the library parses it, so a header of a million
+# empty tensors costs nothing (NMET caps its entries the same way).
+MAX_REQUEST_TENSORS = 64
+_MAX_REQUEST_HEADER = 1 << 20
+
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _MASK_DTYPES = _INT_DTYPES + (torch.bool,)
 
@@ -113,10 +129,16 @@ class SupervisionParams:
     mapping_id: str | None = None
     dtype: str = "auto"
     k: int | None = None
+    batch: str = "shared"
+    """``shared``: the server may merge the request with others into one engine call
+    (padded to the longest row); ``alone``: it runs in an engine call of its own, so
+    its bytes never depend on other traffic (:data:`BATCH_POLICIES`)."""
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_query(self) -> dict[str, str]:
         q = {"mode": self.mode}
+        if self.batch != "shared":
+            q["batch"] = self.batch
         if self.mapping_id is not None:
             q["mapping_id"] = self.mapping_id
         if self.dtype != "auto":
@@ -132,7 +154,7 @@ def _bad_param(name: str, detail: str) -> ApiError:
 
 def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
     """Checks the query of ``/v1/supervision``; unknown names are an error, not ignored."""
-    known = {"mode", "mapping_id", "dtype", "k"}
+    known = {"mode", "mapping_id", "dtype", "k", "batch"}
     unknown = sorted(set(query) - known)
     if unknown:
         raise _bad_param(unknown[0], f"unknown parameter (known: {', '.join(sorted(known))})")
@@ -158,15 +180,44 @@ def parse_supervision_params(query: Mapping[str, str]) -> SupervisionParams:
         raw = query.get("k")
         if raw is None:
             raise _bad_param("k", f"required in topk mode (1..{MAX_TOPK})")
-        try:
-            k = int(raw)
-        except ValueError:
-            raise _bad_param("k", f"got {raw[:64]!r}, expected an integer 1..{MAX_TOPK}") from None
+        # ASCII digits only: int() would also take " 4 ", "1_0" and other scripts' digits.
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 8):
+            raise _bad_param("k", f"got {raw[:64]!r}, expected an integer 1..{MAX_TOPK} "
+                                  "written in ASCII digits")
+        k = int(raw)
         if not 1 <= k <= MAX_TOPK:
             raise _bad_param("k", f"got {k}, expected 1..{MAX_TOPK}")
     elif "k" in query:
         raise _bad_param("k", f"only used in topk mode, not in {mode} mode")
-    return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=dtype, k=k)
+    batch = query.get("batch", "shared")
+    if batch not in BATCH_POLICIES:
+        raise _bad_param("batch", f"got {batch[:64]!r}, expected one of {', '.join(BATCH_POLICIES)}")
+    return SupervisionParams(mode=mode, mapping_id=mapping_id, dtype=dtype, k=k, batch=batch)
+
+
+def response_spec(mode: str, *, rows: int, seq: int, info: Mapping[str, Any], dtype: str = "auto",
+                  k: int | None = None, draft_vocab: int | None = None
+                  ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """What a ``/v1/supervision`` answer in ``mode`` holds: ``name -> (shape, dtype)``
+    for a ``[rows, seq]`` request, from the server's model info (``hidden_size``,
+    ``vocab_size``, ``aux_layer_ids``). A dtype of None means "any floating dtype" (the
+    model's own, under ``dtype=auto``)."""
+    h, v = int(info["hidden_size"]), int(info["vocab_size"])
+    aux = len(info["aux_layer_ids"]) * h
+    wire = OUTPUT_DTYPES[dtype]
+    fp32 = wire or torch.float32  # computed in fp32: cast only when a dtype is asked for
+    b, s = rows, seq
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {
+        "aux_hidden_states": ((b, s, aux), wire),
+        "logits": ((b, s, v), wire),
+        "final_hidden": ((b, s, h), wire),
+        "target_probs": ((b, s, draft_vocab or 0), fp32),
+        "position_mask": ((b, s, 1), torch.bool),
+        "topk_values": ((b, s, k or 0), wire),
+        "topk_indices": ((b, s, k or 0), torch.int32),
+        "logsumexp": ((b, s), fp32),
+    }
+    return {name: specs[name] for name in MODES[mode].outputs}
 
 
 def _invalid(field_name: str, detail: str, error: str = "invalid_input") -> ApiError:
@@ -179,12 +230,14 @@ def check_inputs(
     vocab_size: int,
     need_loss_mask: bool,
     max_tokens: int,
+    max_seq: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Validates request tensors and returns ``(input_ids, attention_mask, loss_mask)``
     as ``[B,S] int64`` (loss_mask None where absent and not needed).
 
     Raises ApiError 422 naming the field (missing, unknown, dtype, shape, range, mask
-    values, empty rows), or 413 when ``B*S`` exceeds ``max_tokens``.
+    values, empty rows), or 413 when ``B*S`` exceeds ``max_tokens`` or ``S`` the model's
+    context ``max_seq``.
     """
     unknown = sorted(set(tensors) - set(INPUT_KEYS))
     if unknown:
@@ -215,6 +268,10 @@ def check_inputs(
         raise ApiError(413, "too_many_tokens",
                        f"input_ids: {b}x{s} = {b * s} tokens exceeds this server's limit of "
                        f"{max_tokens} tokens per request (split the batch)", field="input_ids")
+    if max_seq is not None and s > max_seq:
+        raise ApiError(413, "row_too_long",
+                       f"input_ids: rows of {s} tokens exceed the model's context of {max_seq} "
+                       "tokens (truncate or split the rows)", field="input_ids")
     ids = ids.to(torch.int64)
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
@@ -246,6 +303,7 @@ def decode_safetensors(body: bytes, what: str = "body") -> dict[str, torch.Tenso
     """Parses a safetensors body; raises ApiError 400 naming the problem."""
     if not body:
         raise ApiError(400, "bad_body", f"{what} is empty: expected safetensors bytes")
+    _check_request_header(body, what)
     try:
         tensors = st_load(bytes(body))
     except SafetensorError as e:
@@ -259,6 +317,39 @@ def decode_safetensors(body: bytes, what: str = "body") -> dict[str, torch.Tenso
             raise ApiError(400, "bad_body", f"{k}: bool tensor holds bytes other than 0 and 1",
                            field=k)
     return tensors
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ApiError(400, "bad_body", f"tensor name {k[:64]!r} appears twice in the "
+                                            "safetensors header (names must be unique)", field=k)
+        out[k] = v
+    return out
+
+
+def _check_request_header(body: bytes, what: str) -> None:
+    """Bounds a request's safetensors header before the library parses it: at most
+    :data:`MAX_REQUEST_TENSORS` tensors, unique names (the library keeps the last of a
+    duplicated name without a word)."""
+    if len(body) < 8:
+        raise ApiError(400, "bad_body", f"{what} is not valid safetensors: {len(body)} bytes, "
+                                        "shorter than the 8-byte header length")
+    n = int.from_bytes(body[:8], "little")
+    if n > _MAX_REQUEST_HEADER:
+        raise ApiError(400, "bad_body", f"{what}: safetensors header of {n} bytes exceeds "
+                                        f"{_MAX_REQUEST_HEADER} (a request holds at most "
+                                        f"{MAX_REQUEST_TENSORS} tensors)")
+    try:
+        header = json.loads(bytes(body[8:8 + n]), object_pairs_hook=_unique_names)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ApiError(400, "bad_body", f"{what} is not valid safetensors: the header is not "
+                                        f"UTF-8 JSON ({e})") from None
+    count = len(header) - ("__metadata__" in header) if isinstance(header, dict) else 0
+    if count > MAX_REQUEST_TENSORS:
+        raise ApiError(400, "bad_body", f"{what} holds {count} tensors; a request holds at most "
+                                        f"{MAX_REQUEST_TENSORS}")
 
 
 def encode_safetensors(tensors: Mapping[str, torch.Tensor],

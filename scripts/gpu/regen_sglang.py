@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""``regenerate --engine sglang`` on a GPU: greedy text against the transformers engine,
+and throughput against SGLang's own offline benchmark on the same prompts.
+
+  regen_sglang.py check --model DIR [--rows 32 --max-new-tokens 64] --out check.json
+      The peaked tiny model (make_target.py tiny-peaked DIR): every row's greedy answer
+      from SGLang's offline Engine against the transformers engine's, same dtype, same
+      GPU. The bar: all rows equal; a mismatch is reported with its first differing token.
+  regen_sglang.py bench --model DIR [--prompts 512 --max-new-tokens 256] --out bench.json
+      The 8B shape (random weights, the tiny tokenizer): the whole regenerate job (render,
+      generate, write) and its engine call alone, against
+      ``python -m sglang.bench_offline_throughput`` on the same prompts (a ShareGPT file
+      of the same single-turn chats, the same chat template, EOS ignored by both so every
+      answer is --max-new-tokens long). The goal: >= 0.9x its output tokens/s.
+
+``--dry-run`` runs either on the CPU with the transformers engine in SGLang's place (the
+script's plumbing, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from eagle3_target.data.rows import sample_data_path
+from eagle3_target.data.tokenizer import load_tokenizer
+from eagle3_target.regen import RegenConfig, read_shard, run_regenerate
+from eagle3_target.regen.hf import HFGenerator
+from eagle3_target.regen.prompts import PromptRenderer, Request
+
+
+def single_turn_chats(path: Path, n: int) -> Path:
+    """``n`` ShareGPT rows (one human turn, one answer) cycled from the sample chats:
+    what both this job and SGLang's benchmark read."""
+    rows = []
+    src = [json.loads(x) for x in sample_data_path().read_text().splitlines()]
+    i = 0
+    while len(rows) < n:
+        msgs = src[i % len(src)]["messages"]
+        user = next(m["content"] for m in msgs if m["role"] == "user")
+        answer = next(m["content"] for m in msgs if m["role"] == "assistant")
+        # A copy number keeps repeated prompts distinct (no prefix-cache shortcut for either side).
+        rows.append({"conversations": [{"from": "human", "value": f"[{i}] {user}"}, {"from": "gpt", "value": answer}]})
+        i += 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def generator(engine: str, model: str, tok, sampling: dict, dry: bool, extra: dict | None = None):
+    renderer = PromptRenderer(tok)
+    if engine == "hf" or dry:
+        return HFGenerator(model, tok, renderer, sampling=sampling, batch_size=64,
+                           device="cpu" if dry else "cuda", dtype="float32" if dry else "bfloat16")
+    from eagle3_target.regen.sglang import SGLangGenerator
+
+    return SGLangGenerator(model, tok, renderer, sampling=sampling, dtype="bfloat16", extra_sampling=extra,
+                           **({"attention_backend": "triton"} if not dry else {}))
+
+
+def check(args: argparse.Namespace) -> dict:
+    tok = load_tokenizer(args.model)
+    data = single_turn_chats(Path(args.work) / "check.jsonl", args.rows)
+    rows = {}
+    for engine in ("sglang", "hf"):
+        out = Path(args.work) / f"check-{engine}"
+        cfg = RegenConfig(out=str(out), data=[str(data)], model=args.model, engine="hf", dtype="bfloat16",
+                          max_new_tokens=args.max_new_tokens, keep_length=True, progress=False)
+        gen = generator(engine, args.model, tok, cfg.sampling(), args.dry_run)
+        try:
+            s = run_regenerate(cfg, generator=gen, tokenizer=tok, log=print)
+        finally:
+            gen.close()
+        print("\n".join(s.lines()))
+        rows[engine] = [r for p in sorted(out.glob("regen-*")) for r in read_shard(p)]
+    mismatches = []
+    for a, b in zip(rows["sglang"], rows["hf"]):
+        ta, tb = a["messages"][-1]["content"], b["messages"][-1]["content"]
+        if ta != tb:
+            ia, ib = tok.encode(ta, add_special_tokens=False), tok.encode(tb, add_special_tokens=False)
+            first = next((k for k, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+            mismatches.append({"row": a["source"]["row"], "first_diff_token": first, "sglang": ta[:200], "hf": tb[:200]})
+    return {"stage": "check", "rows": len(rows["hf"]), "equal": len(rows["hf"]) - len(mismatches),
+            "pass": not mismatches and len(rows["hf"]) == args.rows, "mismatches": mismatches[:10]}
+
+
+def sglang_bench(model: str, data: Path, n: int, out_len: int, work: Path) -> dict:
+    """``sglang.bench_offline_throughput`` on ``data``: its output tokens/s (flags picked
+    from its own --help, which differs by release)."""
+    help_text = subprocess.run([sys.executable, "-m", "sglang.bench_offline_throughput", "--help"],
+                               capture_output=True, text=True).stdout
+    result = work / "bench_offline.jsonl"
+    cmd = [sys.executable, "-m", "sglang.bench_offline_throughput", "--model-path", model, "--dataset-name",
+           "sharegpt", "--dataset-path", str(data), "--num-prompts", str(n), "--sharegpt-output-len", str(out_len),
+           "--dtype", "bfloat16", "--attention-backend", "triton", "--result-filename", str(result)]
+    if "--apply-chat-template" in help_text:
+        cmd.append("--apply-chat-template")
+    if "--skip-warmup" in help_text:
+        cmd.append("--skip-warmup")
+    if "--grammar-backend" in help_text:  # no structured output here; xgrammar is not installed
+        cmd += ["--grammar-backend", "none"]
+    print("$", " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    print(r.stdout[-4000:], r.stderr[-4000:], sep="\n")
+    if r.returncode != 0:
+        return {"error": f"bench_offline_throughput exited {r.returncode}"}
+    got: dict = {"command": " ".join(cmd[1:])}
+    if result.is_file() and result.read_text().strip():
+        got.update(json.loads(result.read_text().strip().splitlines()[-1]))
+    m = re.search(r"Output token throughput \(tok/s\):\s*([\d.]+)", r.stdout)
+    if m:
+        got.setdefault("output_throughput", float(m.group(1)))
+    return got
+
+
+def bench(args: argparse.Namespace) -> dict:
+    tok = load_tokenizer(args.model)
+    work = Path(args.work)
+    data = single_turn_chats(work / "bench.sharegpt.jsonl", args.prompts)
+    out = work / "bench-out"
+    cfg = RegenConfig(out=str(out), data=[str(data)], model=args.model, max_new_tokens=args.max_new_tokens,
+                      keep_length=True, shard_rows=args.prompts, progress=False)
+    # EOS ignored, as SGLang's benchmark does by default: every answer is max_new_tokens long.
+    gen = generator("sglang", args.model, tok, cfg.sampling(), args.dry_run, extra={"ignore_eos": True})
+    try:
+        renderer = PromptRenderer(tok)
+        reqs = [Request(m, None, 0, renderer.render(m, None))
+                for m in ([{"role": "user", "content": r["conversations"][0]["value"]}]
+                          for r in map(json.loads, data.read_text().splitlines()))]
+        gen.generate(reqs[: min(8, len(reqs))])  # warm-up (kernels, graphs)
+        t0 = time.perf_counter()
+        answers = gen.generate(reqs)
+        engine_s = time.perf_counter() - t0
+        s = run_regenerate(cfg, generator=gen, tokenizer=tok, log=print)
+    finally:
+        gen.close()
+    tokens = sum(a.completion_tokens for a in answers)
+    ours = {"engine_seconds": engine_s, "engine_output_tok_s": tokens / engine_s,
+            "job_seconds": s.run_seconds, "job_rows_s": s.run_rows / s.run_seconds,
+            "job_output_tok_s": s.run_generated_tokens / s.run_seconds, "output_tokens": tokens}
+    theirs = {} if args.dry_run else sglang_bench(args.model, data, args.prompts, args.max_new_tokens, work)
+    ratio = {k: ours[k] / theirs["output_throughput"] for k in ("engine_output_tok_s", "job_output_tok_s")
+             if theirs.get("output_throughput")}
+    return {"stage": "bench", "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "ours": ours,
+            "sglang_bench_offline_throughput": theirs, "ratio": ratio,
+            "pass": bool(ratio) and ratio.get("engine_output_tok_s", 0) >= 0.9}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["check", "bench"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--work", default="/tmp/regen-sglang")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dry-run", action="store_true", help="CPU, the transformers engine in SGLang's place")
+    args = p.parse_args()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64 if args.stage == "check" else 256
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    for d in Path(args.work).glob("*-out"):
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+    for d in Path(args.work).glob("check-*"):
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+    res = check(args) if args.stage == "check" else bench(args)
+    res["dry_run"] = args.dry_run
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    return 0 if res["pass"] or args.dry_run else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
