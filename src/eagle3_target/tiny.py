@@ -22,7 +22,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["TinyModelConfig", "PRESETS", "make_tiny_model", "tiny_model_path", "cache_dir", "resolve_model",
+__all__ = ["TinyModelConfig", "PRESETS", "make_tiny_model", "tiny_model_path", "tiny_model_built", "cache_dir",
+           "resolve_model",
            "CACHE_ENV", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
 
 CACHE_ENV = "EAGLE3_TARGET_CACHE"
@@ -227,6 +228,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def tiny_model_built(cfg: TinyModelConfig | str = "tiny") -> bool:
+    """Whether :func:`tiny_model_path` finds ``cfg`` already built in the cache."""
+    return (cache_dir() / f"tiny-llama-{_preset(cfg).key()}" / "eagle3_tiny.json").exists()
+
+
 def tiny_model_path(cfg: TinyModelConfig | str = "tiny") -> Path:
     """The cached tiny model for ``cfg`` (a preset name or config), built on first use.
 
@@ -235,7 +241,7 @@ def tiny_model_path(cfg: TinyModelConfig | str = "tiny") -> Path:
     """
     cfg = _preset(cfg)
     final = cache_dir() / f"tiny-llama-{cfg.key()}"
-    if (final / "eagle3_tiny.json").exists():
+    if tiny_model_built(cfg):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from eagle3_target.benchmark import FORWARDS, BenchConfig
 from eagle3_target.cli.common import add_model_args, load_target
@@ -11,11 +12,28 @@ from eagle3_target.cli.common import add_model_args, load_target
 __all__ = ["register"]
 
 
+def _max_positions(model: str | None) -> int | None:
+    """The model's ``max_position_embeddings`` from its config (None when it has none)."""
+    from transformers import AutoConfig
+
+    from eagle3_target.engines.common import text_config
+    from eagle3_target.tiny import resolve_model
+
+    cfg = AutoConfig.from_pretrained(resolve_model(model), local_files_only=True)
+    n = getattr(text_config(cfg), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from eagle3_target.benchmark import run_inprocess
 
     cfg = BenchConfig(batch=args.batch, seq_len=args.seq_len, runs=args.runs, warmup=args.warmup,
                       mode=args.mode, ragged=args.ragged, seed=args.seed)
+    limit = _max_positions(args.model)
+    if limit is not None and cfg.seq_len > limit:
+        print(f"warning: --seq-len {cfg.seq_len} is above the model's max_position_embeddings {limit}: "
+              f"positions past it are outside what the model supports, so this times no real workload",
+              file=sys.stderr)
     target = load_target(args)
     try:
         result = run_inprocess(target, cfg)

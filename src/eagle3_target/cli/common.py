@@ -5,11 +5,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 from eagle3_target.engines import ENGINES
+from eagle3_target.errors import InputError
 
-__all__ = ["add_model_args", "parse_aux_layers", "parse_engine_args", "engine_options", "load_target"]
+__all__ = ["add_model_args", "parse_aux_layers", "parse_engine_args", "engine_options", "load_target",
+           "check_model_args", "check_writable"]
+
+
+def check_writable(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
+    """Raises :class:`InputError` naming ``flag`` unless ``path`` (a file to write, or with
+    ``folder`` a folder to write into) can be written: checked before any model loads, so
+    a read-only place costs no minutes of loading and leaves nothing behind. Creates
+    nothing: a probe file is made and removed in the nearest folder that exists."""
+    p = Path(path).absolute()
+    if folder and p.exists() and not p.is_dir():
+        raise InputError(f"{flag} {path}: exists and is not a folder")
+    if not folder and p.is_dir():
+        raise InputError(f"{flag} {path}: is a folder; give a file name")
+    anc = p if folder else p.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(f"{flag} {path}: {anc} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=anc, prefix=".eagle3-target-probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {path}: the folder {anc} is not writable ({e.strerror or e}); "
+                         f"choose a folder you can write to") from None
 
 
 def add_model_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None:
@@ -38,7 +66,7 @@ def parse_aux_layers(text: str | None) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--aux-layers must be comma-separated integers, got {text!r}")
+        raise InputError(f"--aux-layers must be comma-separated integers, got {text!r}") from None
 
 
 def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
@@ -64,6 +92,21 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     if tp != 1:
         out["tp_size"] = tp
     return out
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """The model flags' own checks, without loading anything: the ``--aux-layers`` and
+    ``--engine-arg`` syntax, the options the engine takes, ``--dtype``, and for the
+    transformers engine ``--device`` (for ``serve``, which listens before it loads)."""
+    from eagle3_target.engines import check_options, parse_dtype
+    from eagle3_target.engines.common import resolve_device
+
+    parse_aux_layers(args.aux_layers)
+    engine = getattr(args, "engine", "hf")
+    check_options(engine, engine_options(args))
+    parse_dtype(args.dtype)
+    if engine == "hf":
+        resolve_device(args.device)
 
 
 def load_target(args: argparse.Namespace, **engine_kwargs: Any):

@@ -8,9 +8,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from eagle3_target.cli.common import add_model_args, engine_options, parse_aux_layers
+from eagle3_target.cli.common import add_model_args, check_writable, engine_options, parse_aux_layers
+from eagle3_target.data.samples import TRUNCATION_WARN_SHARE
 from eagle3_target.dump.config import RENDER_CHOICES, DumpConfig, default
 from eagle3_target.dump.modes import MODES
+from eagle3_target.wire import TOKEN_ENV
 
 if TYPE_CHECKING:
     from eagle3_target.dump.summary import StageClock
@@ -23,7 +25,7 @@ def config_from_args(args: argparse.Namespace) -> DumpConfig:
     return DumpConfig(
         out=args.out, data=args.data or default("data"), mode=args.mode, model=args.model,
         engine=args.engine, server=[u for u in args.server.split(",") if u] if args.server else None,
-        tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        tokenizer=args.tokenizer, token_file=args.token_file, device=args.device, dtype=args.dtype,
         aux_layer_ids=parse_aux_layers(args.aux_layers),
         engine_args=engine_options(args), vocab=args.vocab,
         with_prenorm=args.with_prenorm, max_length=args.max_length or None, max_row_mb=args.max_row_mb,
@@ -34,19 +36,30 @@ def config_from_args(args: argparse.Namespace) -> DumpConfig:
         pin_threads=args.pin_threads, render=args.render)
 
 
+def _kept(args: argparse.Namespace) -> str:
+    return f"the finished shards in {args.out} are kept; run the same command again to continue"
+
+
 def run(args: argparse.Namespace, *, clock: StageClock | None = None) -> int:
     """What ``eagle3-target dump`` does with parsed ``args``; ``clock`` times the main
     thread's stages (``scripts/gpu/cli_dump.py``)."""
+    from eagle3_target.cli import error_message
     from eagle3_target.dump.job import run_dump
 
     cfg = config_from_args(args)
+    check_writable(cfg.out, "--out", folder=True)
     try:
         summary = run_dump(cfg, clock=clock)
     except (OSError, RuntimeError) as e:  # a full disk, a lost server: what is done stays done
-        print(f"eagle3-target dump: error: {e}\nthe finished shards are kept; rerun the same command "
-              f"to continue", file=sys.stderr)
-        return 1
+        msg, code = error_message(e)
+        kept = _kept(args) if cfg.manifest_path().exists() else "nothing was written"
+        print(f"eagle3-target dump: error: {' '.join(msg.split())}; {kept}", file=sys.stderr)
+        return code
     print("\n".join(summary.lines()))
+    if summary.complete and summary.samples == 0:
+        print(f"eagle3-target dump: error: the dump stores no sample: every row was skipped (the reasons "
+              f"are above); fix the data, the tokenizer or the settings", file=sys.stderr)
+        return 1
     return 0 if summary.complete else 1
 
 
@@ -59,30 +72,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "to continue; finished shards are checked, never rewritten.")
     add_model_args(p)
     p.add_argument("--server", default=None, help="URL[,URL...] of eagle3-target servers (instead of --model)")
+    p.add_argument("--token-file", default=None,
+                   help=f"with --server: a file whose first line is the access token (else ${TOKEN_ENV}, "
+                        f"or http://user:TOKEN@host:port)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
     p.add_argument("--data", nargs="+", default=None,
                    help="chat files, .jsonl or .parquet (default: the bundled sample chats)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mode", default=default("mode"), choices=list(MODES),
-                   help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()))
+                   help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()) + f" (default {default('mode')})")
     p.add_argument("--vocab", default=None, help="draft vocab mapping (required for --mode draft)")
     p.add_argument("--with-prenorm", action="store_true",
                    help="also store final_prenorm, the final state before the final norm (needed by "
                         "`export --to speculators`; one more target forward per batch)")
     p.add_argument("--max-length", type=int, default=default("max_length"),
-                   help="truncate samples to this many tokens (0: never; a row longer than the "
-                        "model's context is then skipped, or refused with --strict)")
+                   help=f"keep the first N tokens of each rendered chat (default {default('max_length')}; "
+                        f"0: never truncate, and a row longer than the model's context is skipped); rows cut "
+                        f"and the supervised tokens lost are counted in the summary and the manifest, with a "
+                        f"warning above {TRUNCATION_WARN_SHARE:.0%} and an error under --strict")
     p.add_argument("--max-row-mb", type=float, default=default("max_row_mb"),
-                   help="skip (or with --strict refuse) a data row larger than this many MiB")
+                   help=f"skip (or with --strict refuse) a data row larger than this many MiB "
+                        f"(default {default('max_row_mb'):g})")
     p.add_argument("--mask-reasoning", action="store_true", help="leave <think> text out of the loss mask")
     p.add_argument("--batch-tokens", type=int, default=default("batch_tokens"),
-                   help="padded tokens per target forward")
+                   help=f"padded tokens per target forward (default {default('batch_tokens')})")
     p.add_argument("--shard-size-mb", type=float, default=default("shard_size_mb"),
-                   help="close a shard after this many MiB")
-    p.add_argument("--num-shards", type=int, default=default("num_shards"), help="number of independent workers")
+                   help=f"close a shard after this many MiB (default {default('shard_size_mb'):g})")
+    p.add_argument("--num-shards", type=int, default=default("num_shards"), help=f"number of independent workers (default {default('num_shards')})")
     p.add_argument("--shard-index", type=int, default=default("shard_index"),
-                   help="this worker (rows r with r %% K == i)")
-    p.add_argument("--strict", action="store_true", help="fail on any malformed or unsupervised row")
+                   help=f"this worker (rows r with r %% K == i; default {default('shard_index')})")
+    p.add_argument("--strict", action="store_true",
+                   help="fail before writing on any malformed, unsupervised or truncated row")
     p.add_argument("--trust-existing", action="store_true",
                    help="on a rerun, check finished shards by size only (no re-hash)")
     p.add_argument("--writer-threads", type=int, default=default("writer_threads"),
@@ -96,4 +116,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "loaded (keeps the GIL free for a GPU engine), or auto (process on a GPU)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_interrupt=_kept)

@@ -10,13 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eagle3_target.cli.common import add_model_args, load_target
+from eagle3_target.cli.common import add_model_args, check_writable, load_target
+from eagle3_target.errors import InputError
 
 __all__ = ["register", "read_jsonl_inputs"]
 
 
-def read_jsonl_inputs(path: str, tokenizer: Any) -> list[list[int]]:
-    """Rows of ``{"input_ids": [...]}`` or ``{"text": "..."}`` -> token id lists."""
+def read_jsonl_inputs(path: str, tokenizer: Any, no_tokenizer: str | None = None) -> list[list[int]]:
+    """Rows of ``{"input_ids": [...]}`` or ``{"text": "..."}`` -> token id lists;
+    ``no_tokenizer`` says why ``tokenizer`` is None (for a text row's error)."""
     rows: list[list[int]] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -25,43 +27,47 @@ def read_jsonl_inputs(path: str, tokenizer: Any) -> list[list[int]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not JSON ({e})")
+                raise InputError(f"{path}:{lineno}: not JSON ({e})")
             if isinstance(row, dict) and isinstance(row.get("input_ids"), list):
                 ids = row["input_ids"]
                 if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                    raise SystemExit(f"{path}:{lineno}: input_ids must be a non-empty list of ints")
+                    raise InputError(f"{path}:{lineno}: input_ids must be a non-empty list of ints")
             elif isinstance(row, dict) and isinstance(row.get("text"), str):
                 if tokenizer is None:
-                    raise SystemExit(f"{path}:{lineno}: a text row needs the model's tokenizer")
+                    raise InputError(f"{path}:{lineno}: a text row needs the model's tokenizer"
+                                     + (f", and {no_tokenizer}" if no_tokenizer else ""))
                 ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"]
                 if not ids:
-                    raise SystemExit(f"{path}:{lineno}: text tokenizes to nothing")
+                    raise InputError(f"{path}:{lineno}: text tokenizes to nothing")
             else:
-                raise SystemExit(f'{path}:{lineno}: expected {{"input_ids": [...]}} or {{"text": "..."}}')
+                raise InputError(f'{path}:{lineno}: expected {{"input_ids": [...]}} or {{"text": "..."}}')
             rows.append(ids)
     if not rows:
-        raise SystemExit(f"{path}: no rows")
+        raise InputError(f"{path}: no rows")
     return rows
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
+    from eagle3_target.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from eagle3_target.dump.summary import human_bytes
     from eagle3_target.engines.packing import lengths_mask, right_pad
     from eagle3_target.tiny import resolve_model
 
+    if not Path(args.input).is_file():
+        raise InputError(f"--input {args.input}: no such file")
+    check_writable(args.out, "--out")
     target = load_target(args)
     try:
         path = resolve_model(args.model)
-        tokenizer = None
         try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception:  # a model folder without a tokenizer still takes input_ids rows
-            tokenizer = None
-        rows = read_jsonl_inputs(args.input, tokenizer)
+            tokenizer = load_tokenizer(path)
+            check_tokenizer_fits(tokenizer, target.vocab_size, f"the tokenizer in {path}")
+            no_tokenizer = None
+        except InputError as e:  # a model folder without a tokenizer still takes input_ids rows
+            tokenizer, no_tokenizer = None, str(e)
+        rows = read_jsonl_inputs(args.input, tokenizer, no_tokenizer)
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         input_ids = right_pad(rows, pad_id)
         attention_mask = lengths_mask([len(r) for r in rows])

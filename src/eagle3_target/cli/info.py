@@ -12,14 +12,31 @@ from eagle3_target.cli.common import add_model_args, parse_aux_layers
 __all__ = ["register"]
 
 
+def _tokenizer_info(path: str, vocab_size: int) -> str:
+    """The tokenizer a dump of this folder would use, or why there is none that fits."""
+    from eagle3_target.data.tokenizer import check_tokenizer_fits, load_tokenizer
+    from eagle3_target.errors import InputError
+
+    try:
+        tok = load_tokenizer(path)
+        check_tokenizer_fits(tok, vocab_size)
+    except InputError as e:
+        return f"UNUSABLE: {e}"
+    return f"{type(tok).__name__}, {len(tok)} tokens"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from eagle3_target.contract import default_aux_layer_ids, validate_aux_layer_ids
-    from eagle3_target.engines.common import quiet_transformers, text_config
+    from eagle3_target.engines.common import parse_dtype, quiet_transformers, resolve_device, text_config
     from eagle3_target.tiny import resolve_model
 
     quiet_transformers()
+    # The flags a target would be built with are checked as loading checks them.
+    if args.device is not None:
+        resolve_device(args.device)
+    parse_dtype(args.dtype)
     path = resolve_model(args.model)
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     text = text_config(cfg)
@@ -42,6 +59,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "aux_layer_ids": aux,
         "default_aux_layer_ids": default,
         "dtype": str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)),
+        "tokenizer": _tokenizer_info(path, int(text.vocab_size)),
     }
     if note is not None and given is None:
         info["note"] = note

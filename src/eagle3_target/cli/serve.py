@@ -7,7 +7,7 @@ import argparse
 import logging
 from typing import Any
 
-from eagle3_target.cli.common import add_model_args, engine_options, load_target
+from eagle3_target.cli.common import add_model_args, check_model_args, engine_options, load_target
 from eagle3_target.server.settings import HTTP_IMPLEMENTATIONS, LOG_LEVELS, ServerSettings
 from eagle3_target.wire import TOKEN_ENV
 
@@ -20,6 +20,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     token = read_token(args.token_file)
     check_bind(args.host, token, args.insecure)  # before any heavy import or model build
+    check_model_args(args)  # usage errors before the server listens, not as a failed load
     engine_kwargs: dict[str, Any] = {}
     if args.engine == "sglang" and "max_batch_tokens" not in engine_options(args):
         # Size SGLang's KV pool for the largest engine call this server will make.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from eagle3_target.cli.common import check_writable
 from eagle3_target.tiny import TinyModelConfig
 
 __all__ = ["register"]
@@ -26,6 +27,7 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from eagle3_target.tiny import make_tiny_model
 
     quiet_transformers()
+    check_writable(args.dir, "DIR", folder=True)
     cfg = TinyModelConfig(**{field: getattr(args, field) for field, _, _ in _FLAGS.values()})
     out = make_tiny_model(args.dir, cfg)
     print(f"wrote tiny Llama ({cfg.layers} layers, hidden {cfg.hidden}) to {out}")

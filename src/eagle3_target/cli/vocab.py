@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from eagle3_target.cli.common import check_writable
 from eagle3_target.data.chat import MAX_LENGTH
 from eagle3_target.data.rows import MAX_ROW_BYTES
 
@@ -16,15 +17,17 @@ __all__ = ["register"]
 def _cmd_vocab(args: argparse.Namespace) -> int:
     from eagle3_target.data.draft_vocab import build_vocab_from_data, target_vocab_size
     from eagle3_target.data.rows import check_data_files, sample_data_path
-    from eagle3_target.data.tokenizer import load_tokenizer
+    from eagle3_target.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from eagle3_target.engines.common import quiet_transformers
     from eagle3_target.tiny import resolve_model
 
     quiet_transformers()
+    check_writable(args.out, "--out")
     data = [str(p) for p in check_data_files(args.data or [str(sample_data_path())])]
     model = resolve_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or model)
     v = target_vocab_size(model)
+    check_tokenizer_fits(tokenizer, v)
     if not 0 < args.draft_vocab_size <= v:
         raise ValueError(f"--draft-vocab-size must be in [1, {v}] (the target's vocab size), got "
                          f"{args.draft_vocab_size}")
@@ -41,7 +44,7 @@ def _cmd_vocab(args: argparse.Namespace) -> int:
           f"(mapping_id {mapping.mapping_id})")
     print(f"  {stats.samples} samples, {stats.supervised_tokens:,} supervised tokens, "
           f"{stats.unique_tokens:,} distinct; the draft vocabulary covers {cover:.2%} of them")
-    for line in report.lines():
+    for line in report.lines() + report.truncation_lines(args.max_length or None, stats.supervised_tokens):
         print(f"  {line}")
     return 0
 
@@ -62,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-row-mb", type=float, default=MAX_ROW_BYTES / 2**20,
                    help="skip (or with --strict refuse) a data row larger than this many MiB, as dump does")
     p.add_argument("--mask-reasoning", action="store_true")
-    p.add_argument("--strict", action="store_true", help="fail on any malformed or unsupervised row")
+    p.add_argument("--strict", action="store_true", help="fail on any malformed, unsupervised or truncated row")
     p.set_defaults(func=_cmd_vocab)
 
 

@@ -23,7 +23,7 @@ from eagle3_target.wire.st_stream import decode_buffer
 from eagle3_target.wire.v1 import LM_HEAD_KEYS, MODES
 
 __all__ = ["TopKBatch", "most_bytes", "error_from", "bad_response", "decode_tensors", "check_outputs", "model_info_from",
-           "lm_head_from"]
+           "lm_head_from", "identity_diff", "IDENTITY_KEYS", "SHAPE_KEYS"]
 
 
 @dataclass
@@ -52,6 +52,23 @@ def most_bytes(spec: Iterable[tuple[tuple[int, ...], torch.dtype | None]]) -> in
     come under ``dtype=auto``, so each element counts at the widest (8 bytes), plus room
     for the safetensors header."""
     return sum(8 * math.prod(shape) for shape, _ in spec) + (1 << 20)
+
+
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
+IDENTITY_KEYS = ("model_sha256", "tokenizer_sha256")
+"""What ``/v1/model_info`` says a target is: its shapes and aux ids, and fingerprints of
+its weights and tokenizer (compared when both servers report them: the same shapes can
+be two different models)."""
+
+
+def identity_diff(ours: Mapping, theirs: Mapping) -> list[str]:
+    """``"key: A vs B"`` for each way two ``/v1/model_info`` answers are different targets."""
+    out = [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in SHAPE_KEYS if theirs.get(k) != ours.get(k)]
+    for k in IDENTITY_KEYS:
+        a, b = theirs.get(k), ours.get(k)
+        if a is not None and b is not None and a != b:
+            out.append(f"{k}: {a[:12]}... vs {b[:12]}...")
+    return out
 
 
 def error_from(resp: Reply) -> RemoteTargetError:

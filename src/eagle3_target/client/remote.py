@@ -56,6 +56,7 @@ from eagle3_target.client.answers import (
     check_outputs,
     decode_tensors,
     error_from,
+    identity_diff,
     lm_head_from,
     model_info_from,
     most_bytes,
@@ -186,11 +187,10 @@ class RemoteTarget:
                 raise TransportError(f"{srv.url} answered {resp.status_code}")
             raise error_from(resp)
         theirs = model_info_from(resp)
-        keys = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
-        if any(theirs.get(k) != info.get(k) for k in keys):
-            raise RemoteTargetError(
-                f"{srv.url} serves a different model: {({k: theirs.get(k) for k in keys})} vs "
-                f"{({k: info.get(k) for k in keys})}")
+        diff = identity_diff(info, theirs)
+        if diff:
+            raise RemoteTargetError(f"{srv.url} serves a different model than {self.urls[0]}: "
+                                    f"{'; '.join(diff)}; give RemoteTarget servers of one model only")
         srv.verified = True
 
     def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,

@@ -30,6 +30,7 @@ __all__ = [
     "row_to_messages",
     "has_generation_block",
     "SHAREGPT_ROLES",
+    "OPENAI_ROLES",
     "REASONING_FIELDS",
 ]
 
@@ -43,6 +44,10 @@ SHAREGPT_ROLES = {
     "system": "system",
     "tool": "tool", "function": "tool", "observation": "tool",
 }
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+"""Roles an OpenAI-style message may have; a row with any other is skipped ("unknown
+role"): a chat template renders a role it does not know as it likes (often as plain
+text under a made-up header), which is no conversation the model was trained on."""
 # Fields in which chat templates (and transformers' aliasing) carry an assistant's reasoning.
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -103,8 +108,9 @@ def row_to_messages(row: Any) -> tuple[list[dict[str, Any]], list[Any] | None]:
             msg["content"] = _text_content(turn.get("value"), where)
         elif "role" in turn:
             role = turn["role"]
-            if not isinstance(role, str) or not role:
-                raise MalformedRow("unknown role", f"{where} role is {role!r}")
+            if not isinstance(role, str) or role not in OPENAI_ROLES:
+                raise MalformedRow("unknown role", f"{where} has role {role!r} "
+                                   f"(known: {', '.join(OPENAI_ROLES)})")
             msg = dict(turn)
             msg["content"] = _text_content(turn.get("content"), where)
         else:

@@ -60,7 +60,7 @@ def build_vocab_from_data(
         counts.add_(torch.bincount(ids[mask], minlength=target_vocab_size))
 
     n, report = scan(data, encoder, on_sample=add)
-    if strict and (msg := report.strict_error()) is not None:
+    if strict and (msg := report.strict_error(max_length)) is not None:
         raise ValueError(msg)
     if n == 0:
         raise ValueError("no usable sample in the data: " + "; ".join(report.lines()))

@@ -18,11 +18,13 @@ from eagle3_target.data.chat import ChatEncoder, row_to_messages
 from eagle3_target.data.rows import RawRow, iter_raw_rows
 from eagle3_target.errors import MalformedRow
 
-__all__ = ["MALFORMED", "ZERO_SUPERVISION", "Sample", "Skipped", "DataReport", "encode_row", "iter_samples",
-           "scan", "iter_supervised_ids"]
+__all__ = ["MALFORMED", "ZERO_SUPERVISION", "TRUNCATION_WARN_SHARE", "Sample", "Skipped", "DataReport", "encode_row",
+           "iter_samples", "scan", "iter_supervised_ids"]
 
 MALFORMED = "malformed"
 ZERO_SUPERVISION = "zero_supervision"
+TRUNCATION_WARN_SHARE = 0.02
+"""Above this share of the supervised tokens cut by ``max_length``, the summary warns."""
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Sample:
     row: int
     input_ids: list[int]
     loss_mask: list[int]
+    lost_supervised: int | None = None
+    """Supervised tokens ``max_length`` cut from the row; None: the row was not truncated."""
 
     @property
     def supervised(self) -> int:
@@ -70,6 +74,8 @@ def encode_row(raw: RawRow, encoder: ChatEncoder) -> Sample | Skipped:
     except MalformedRow as e:
         return Skipped(raw.index, raw.where, MALFORMED, e.reason, e.detail)
     sample = Sample(raw.index, enc.input_ids, enc.loss_mask)
+    if enc.truncated:
+        sample.lost_supervised = enc.full_supervised - sample.supervised
     if sample.supervised == 0:
         if not any(m.get("role") == "assistant" for m in messages):
             reason = "no assistant turn"
@@ -103,6 +109,30 @@ class DataReport:
     max_examples: int = 5
     counts: dict[str, Counter] = field(default_factory=lambda: {MALFORMED: Counter(), ZERO_SUPERVISION: Counter()})
     examples: dict[str, list[dict]] = field(default_factory=lambda: {MALFORMED: [], ZERO_SUPERVISION: []})
+
+    truncated_rows: int = 0
+    """Samples kept but cut to ``max_length``, and the supervised tokens cut from them."""
+    truncated_supervised: int = 0
+
+    def add_truncated(self, s: Sample) -> None:
+        if s.lost_supervised is not None:
+            self.truncated_rows += 1
+            self.truncated_supervised += s.lost_supervised
+
+    def truncation_lines(self, max_length: int | None, supervised_kept: int) -> list[str]:
+        """What ``max_length`` cut from the rows kept, and a warning above
+        :data:`TRUNCATION_WARN_SHARE` of their supervised tokens."""
+        if not self.truncated_rows:
+            return []
+        total = supervised_kept + self.truncated_supervised
+        share = self.truncated_supervised / total if total else 0.0
+        out = [f"truncated to --max-length {max_length}: {self.truncated_rows:,} rows, "
+               f"{self.truncated_supervised:,} supervised tokens cut ({share:.1%} of {total:,})"]
+        if share > TRUNCATION_WARN_SHARE:
+            out.append(f"warning: {share:.1%} of the supervised tokens were cut by --max-length {max_length} "
+                       f"(more than {TRUNCATION_WARN_SHARE:.0%}); raise it (0 keeps every token) or use "
+                       f"--strict to refuse such data")
+        return out
 
     def add(self, s: Skipped) -> None:
         self.counts[s.kind][s.reason] += 1
@@ -139,11 +169,14 @@ class DataReport:
                 out.append(f"  e.g. {ex['where']} (row {ex['row']}): {ex['reason']}{detail}")
         return out
 
-    def strict_error(self) -> str | None:
-        """The message ``--strict`` raises, or None when nothing was skipped."""
-        if not (self.total(MALFORMED) or self.total(ZERO_SUPERVISION)):
-            return None
-        return "--strict: " + "; ".join(self.lines())
+    def strict_error(self, max_length: int | None = None) -> str | None:
+        """The message ``--strict`` raises, or None when nothing was skipped or cut."""
+        lines = self.lines()
+        if self.truncated_rows:
+            lines.append(f"{self.truncated_rows} rows longer than --max-length {max_length} would lose "
+                         f"{self.truncated_supervised:,} supervised tokens (raise --max-length, or 0 keeps "
+                         f"every token)")
+        return "--strict: " + "; ".join(lines) if lines else None
 
 
 def scan(
@@ -161,6 +194,7 @@ def scan(
             report.add(item)
         else:
             n += 1
+            report.add_truncated(item)
             if on_sample is not None:
                 on_sample(item)
     return n, report

@@ -39,6 +39,8 @@ class DumpConfig:
     """Server URLs: run the target remotely through ``eagle3_target.client.RemoteTarget``."""
     tokenizer: str | None = None
     """Tokenizer folder when it differs from ``model``."""
+    token_file: str | None = None
+    """With ``server``: a file whose first line is the access token (else ``$EAGLE3_TARGET_TOKEN``)."""
     device: str | None = None
     dtype: str | None = None
     aux_layer_ids: list[int] | None = None
@@ -116,6 +118,10 @@ class DumpConfig:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.token_file is not None and not self.server:
+            raise ValueError("--token-file is the token of --server; a dump on --model needs none")
+        if self.token_file is not None and not Path(self.token_file).is_file():
+            raise ValueError(f"--token-file {self.token_file}: no such file")
         if self.server and self.engine != "hf":
             raise ValueError("--server and --engine are exclusive: the server runs its own engine")
         if isinstance(self.data, str):

@@ -90,10 +90,14 @@ def tmp_path(path: Path, tmp_tag: str = "") -> Path:
 def write_atomic(path: Path, data: bytes, tmp_tag: str = "") -> None:
     """Writes ``data`` to ``path`` via ``.tmp-`` + fsync + rename + directory fsync."""
     tmp = tmp_path(path, tmp_tag)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk: the old file stays, the partial new one goes
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -265,6 +269,14 @@ def stream_to_file(path: Path, header: bytes, pieces: Sequence[torch.Tensor],
                 f.write(v)
             f.flush()
             os.fsync(f.fileno())
+    except OSError as e:  # a full disk: no partial file stays behind (path is a .tmp- name)
+        path.unlink(missing_ok=True)
+        if e.filename is None:  # a failed write() names no file; the user needs to know which
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except BaseException:  # Ctrl-C: the same
+        path.unlink(missing_ok=True)
+        raise
     finally:
         if hasher is not None:
             hasher.join()

@@ -41,7 +41,8 @@ from eagle3_target.data.chat import ChatEncoder
 from eagle3_target.data.samples import scan
 from eagle3_target.data.rows import check_data_files, count_rows
 from eagle3_target.data.tokenizer import tokenizer_class_name, tokenizer_fingerprint
-from eagle3_target.dump.config import DumpConfig, default
+from eagle3_target.dump.complete import config_record, finished_without_target, summary_of
+from eagle3_target.dump.config import DumpConfig
 from eagle3_target.dump.format import (
     FORMAT,
     LM_HEAD_FILE,
@@ -57,10 +58,10 @@ from eagle3_target.dump.modes import MODES, TargetSource, compute_prenorm
 from eagle3_target.dump.produce import ShardProducer
 from eagle3_target.dump.repair import plan_repairs, regenerate
 from eagle3_target.dump.render import RenderProcess
-from eagle3_target.dump.summary import DumpSummary, Progress, StageClock, logits_bytes_per_token, summary_json
+from eagle3_target.dump.summary import DumpSummary, Progress, StageClock, config_changes, summary_json
 from eagle3_target.engines.common import quiet_transformers, text_config
 from eagle3_target.tiny import resolve_model
-from eagle3_target.wire import TOKEN_ENV
+from eagle3_target.wire import TOKEN_ENV, read_token
 
 __all__ = ["run_dump"]
 
@@ -79,9 +80,13 @@ def _load_source(cfg: DumpConfig) -> TargetSource:
         try:
             # batch="alone": each request runs in its own engine call, so the shards'
             # bytes do not depend on what else the servers serve (resumes stay identical).
-            client = RemoteTarget(list(cfg.server), token=os.environ.get(TOKEN_ENV), mode=cfg.mode,
+            client = RemoteTarget(list(cfg.server), token=read_token(cfg.token_file), mode=cfg.mode,
                                   batch="alone")
         except RemoteTargetError as e:  # refused (401, wrong mode...) or unreachable: say so plainly
+            if e.status == 401:
+                raise ValueError(f"--server {','.join(cfg.server)}: the server wants an access token and got "
+                                 f"{'a wrong one' if read_token(cfg.token_file) else 'none'} (401): pass "
+                                 f"--token-file FILE (first line: the token) or set ${TOKEN_ENV}") from None
             raise ValueError(f"--server {','.join(cfg.server)}: {e}") from None
         needs = {"hidden": ("generate_hidden", "lm_head")}.get(cfg.mode, ("generate_batch",))
         missing = [n for n in needs if not hasattr(client, n)]
@@ -161,6 +166,16 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
     tokenizer_dir = _tokenizer_dir(cfg) if tokenizer is None else getattr(tokenizer, "name_or_path", None)
     if tokenizer is None:
         tokenizer = tokenizers.load_tokenizer(tokenizer_dir)
+    if source is None and not cfg.server:  # before minutes of loading: the config says the size
+        from eagle3_target.data.draft_vocab import target_vocab_size
+
+        model_dir = resolve_model(cfg.model)
+        try:
+            v_config = target_vocab_size(model_dir)
+        except (OSError, ValueError, KeyError, AttributeError):  # a config only remote code reads: after the load
+            v_config = None
+        if v_config is not None:
+            tokenizers.check_tokenizer_fits(tokenizer, v_config)
     mapping = None
     if cfg.vocab:
         if not Path(cfg.vocab).is_file():
@@ -175,6 +190,17 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
         if stray:
             raise ValueError(f"{out} has shards ({stray[0]}, ...) but no {cfg.manifest_path().name}: "
                              f"they cannot be checked against this run; use an empty folder")
+
+    if existing is not None and source is None:  # complete: say so, and load nothing if it is sound
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out, cfg)
+        try:
+            done = finished_without_target(cfg, existing, data, tokenizer, mapping, Progress.announcer(cfg.progress))
+        finally:
+            os.close(lock)
+        if done is not None:
+            done.already_complete, done.run_seconds = True, time.perf_counter() - t_start
+            return done
 
     if cfg.prefetch > 1 and not cfg.server and (source is None or _in_process(source)):
         raise ValueError(f"--prefetch {cfg.prefetch}: an in-process target runs one forward at a time "
@@ -198,6 +224,7 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
         if mapping is not None and hasattr(source, "set_vocab_mapping") and cfg.mode == "draft":
             source.set_vocab_mapping(mapping)
         hidden_size, vocab_size, dtype = _source_dims(source, cfg.mode, mapping)
+        tokenizers.check_tokenizer_fits(tokenizer, vocab_size)
         if cfg.with_prenorm:  # refuse before anything is written when the target cannot give it
             probe = torch.zeros((1, 2), dtype=torch.int64)
             compute_prenorm(source, probe, torch.ones_like(probe), torch.ones_like(probe))
@@ -206,33 +233,19 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
                               max_row_bytes=cfg.max_row_bytes)
         if cfg.strict:
             _, report = scan(data, encoder, keep=cfg.owns)
-            if (msg := report.strict_error()) is not None:
+            if (msg := report.strict_error(cfg.max_length)) is not None:
                 raise ValueError(msg)
-        config = {
-            "format": FORMAT, "mode": cfg.mode,
-            "data": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in data],
-            "tokenizer_sha256": child.fingerprint if child is not None else tokenizer_fingerprint(tokenizer),
-            "model_sha256": (model_fingerprint(resolve_model(cfg.model)) if not cfg.server
-                             else "server:" + str((getattr(source, "info", None) or {}).get("model"))),
-            "engine": "server" if cfg.server else cfg.engine,
-            "aux_layer_ids": [int(i) for i in source.aux_layer_ids],
-            "dtype": dtype, "hidden_size": hidden_size, "vocab_size": vocab_size,
-            "vocab_mapping_id": mapping.mapping_id if mapping is not None else None,
-            "draft_vocab_size": mapping.draft_vocab_size if mapping is not None else None,
-            "max_length": cfg.max_length, "mask_reasoning": cfg.mask_reasoning,
-            "mask_source": "template" if encoder.use_template_mask else "turns",
-            "batch_tokens": cfg.batch_tokens, "shard_size_mb": cfg.shard_size_mb,
-            "num_shards": cfg.num_shards, "shard_index": cfg.shard_index,
-            # Recorded only when changed, so that dumps with the default keep their bytes.
-            **({"max_row_mb": cfg.max_row_mb} if cfg.max_row_mb != default("max_row_mb") else {}),
-        }
-        if cfg.with_prenorm:  # recorded only when set: a default dump's bytes stay as they were
-            config["with_prenorm"] = True
+        model_sha = (model_fingerprint(resolve_model(cfg.model)) if not cfg.server
+                     else "server:" + str((getattr(source, "info", None) or {}).get("model")))
+        config = config_record(
+            cfg, data, child.fingerprint if child is not None else tokenizer_fingerprint(tokenizer), model_sha,
+            mapping, encoder.use_template_mask,
+            {"aux_layer_ids": source.aux_layer_ids, "dtype": dtype, "hidden_size": hidden_size,
+             "vocab_size": vocab_size})
         if existing is not None and existing.get("config") != config:
             old = existing.get("config") or {}
-            diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
             raise ValueError(f"{cfg.manifest_path()} was written with a different configuration "
-                             f"(differs in: {', '.join(diff)}); rerun with the original settings "
+                             f"({config_changes(old, config)}); rerun with the original settings "
                              f"or use a new --out folder")
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock(out, cfg)
@@ -304,6 +317,9 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
         d.save_manifest()
     else:
         d.manifest = existing
+    if d.manifest["shards"]:
+        Progress.announcer(cfg.progress)(f"checking the {len(d.manifest['shards'])} finished shards in {out} "
+                                         f"({'sizes only' if cfg.trust_existing else 'sha256 of each'})")
     # Finished shards: check them, account for every row and shard file (re-adopting an
     # unlisted shard, e.g. one renamed just before a kill), then recompute what is lost.
     plan = plan_repairs(d, hash_it=not cfg.trust_existing, log=log)
@@ -327,7 +343,10 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
             next_index = last["index"] + 1 if last else 0
             total_rows = count_rows(cfg.data)
             owned = len(range(cfg.shard_index, total_rows, cfg.num_shards))
-            progress = Progress(owned, len(range(cfg.shard_index, start, cfg.num_shards)), cfg.progress)
+            done = len(range(cfg.shard_index, start, cfg.num_shards))
+            progress = Progress(owned, done, cfg.progress)
+            progress.say(f"{f'resuming after {next_index} shards at' if last else 'starting at'} "
+                         f"row {start:,}: {owned - done:,} of {owned:,} rows left")
             try:
                 for job in d.produce(start, first, next_index, progress, child=child):
                     put(job)
@@ -361,15 +380,10 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
         if now["sha256"] != entry["sha256"]:
             log(f"warning: regenerated {entry['file']} differs from the original bytes "
                 f"(different hardware or library versions?); the manifest now records the new hash")
-    s = summary_json(d.manifest)
-    return DumpSummary(
-        out=str(out), mode=cfg.mode, complete=bool(d.manifest["complete"]), samples=s["samples"],
-        tokens=s["tokens"], supervised_tokens=s["supervised_tokens"], bytes=s["bytes"],
-        shards=len(d.manifest["shards"]), skipped=s["skipped"], examples=s["examples"],
-        logits_bytes_per_token=logits_bytes_per_token(config),
-        run_samples=d.run_samples, run_tokens=d.run_tokens, run_bytes=d.writer.bytes_written,
-        run_seconds=time.perf_counter() - t_start, shards_written=written,
-        shards_adopted=plan.adopted, shards_repaired=repaired, run_child_rows=child.rows if child is not None else 0)
+    return summary_of(
+        cfg, d.manifest, run_samples=d.run_samples, run_tokens=d.run_tokens, run_bytes=d.writer.bytes_written,
+        run_seconds=time.perf_counter() - t_start, shards_written=written, shards_adopted=plan.adopted,
+        shards_repaired=repaired, run_child_rows=child.rows if child is not None else 0)
 
 
 class _LMHeadWriter:

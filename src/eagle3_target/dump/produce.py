@@ -157,7 +157,7 @@ class ShardProducer:
         counter = [0]
         samples: list[dict[str, torch.Tensor]] = []
         sample_rows: list[int] = []
-        meta = {"tokens": 0, "supervised": 0, "bytes": 0}
+        meta = {"tokens": 0, "supervised": 0, "bytes": 0, "truncated": 0, "lost": 0}
         row_start, index, ordinal = start_row, first_index, first_sample
 
         def finish() -> ShardJob:
@@ -171,10 +171,12 @@ class ShardProducer:
                      "rows": [row_start, row_end], "tokens": meta["tokens"],
                      "supervised_tokens": meta["supervised"], "skipped": report.counts_json(),
                      "examples": report.examples_json()}
+            if meta["truncated"]:  # absent when --max-length cut nothing (the format's older entries)
+                entry["truncated"] = {"rows": meta["truncated"], "supervised_tokens_lost": meta["lost"]}
             job = ShardJob(index, self.cfg.shard_name(index), entry, samples, sample_rows)
             row_start, index, ordinal = row_end, index + 1, ordinal + len(samples)
             samples, sample_rows = [], []
-            meta.update(tokens=0, supervised=0, bytes=0)
+            meta.update(tokens=0, supervised=0, bytes=0, truncated=0, lost=0)
             return job
 
         # Rendering, tokenising and packing run a batch or two ahead on a thread of their
@@ -190,6 +192,9 @@ class ShardProducer:
                 sample_rows.append(s.row)
                 meta["tokens"] += len(s)
                 meta["supervised"] += s.supervised
+                if s.lost_supervised is not None:
+                    meta["truncated"] += 1
+                    meta["lost"] += s.lost_supervised
                 meta["bytes"] += sum(t.numel() * t.element_size() for t in row.values())
             self.run_samples += len(batch)
             self.run_tokens += sum(len(s) for s in batch)

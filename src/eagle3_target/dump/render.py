@@ -28,7 +28,8 @@ answers with frames on its stdout, ``kind (1 byte) | payload length (uint64 LE) 
 payload``:
 
 - ``R`` ready: JSON ``{"fingerprint": sha256 of the tokenizer}``
-- ``S`` sample: ``row int64, n int64, input_ids int32[n], loss_mask uint8[n]`` (LE)
+- ``S`` sample: ``row int64, n int64, lost int64, input_ids int32[n], loss_mask uint8[n]``
+  (LE; ``lost``: the supervised tokens ``max_length`` cut, -1 for a row not truncated)
 - ``K`` skipped row: JSON of :meth:`Skipped.to_json`
 - ``E`` end of the rows
 - ``X`` error: JSON ``{"error": message}``
@@ -61,7 +62,7 @@ POLL_SECONDS = 0.02
 """How often the stream asks whether the child is ready: not every row, since each
 question is a system call, and a GIL release the engine's thread then waits to win back."""
 
-_SAMPLE = struct.Struct("<qq")
+_SAMPLE = struct.Struct("<qqq")
 
 
 @dataclass(frozen=True)
@@ -181,14 +182,14 @@ class RenderProcess:
         while True:
             kind, payload = self._frames.frame()
             if kind == b"S":
-                row, n = _SAMPLE.unpack_from(payload)
+                row, n, lost = _SAMPLE.unpack_from(payload)
                 if len(payload) != _SAMPLE.size + 5 * n:
                     raise RuntimeError(f"the render process sent a malformed frame for row {row}")
                 ids = np.frombuffer(payload, dtype="<i4", count=n, offset=_SAMPLE.size).tolist()
                 mask = np.frombuffer(payload, dtype=np.uint8, count=n, offset=_SAMPLE.size + 4 * n).tolist()
                 last = row
                 self.rows += 1
-                yield Sample(row, ids, mask)
+                yield Sample(row, ids, mask, None if lost < 0 else lost)
             elif kind == b"K":
                 s = Skipped(**json.loads(payload))
                 last = s.row
@@ -250,7 +251,8 @@ def iter_samples_handover(paths: Sequence[str | Path], encoder: ChatEncoder, *, 
 
 
 def _sample_payload(s: Sample) -> bytes:
-    return (_SAMPLE.pack(s.row, len(s.input_ids)) + np.asarray(s.input_ids, dtype="<i4").tobytes()
+    lost = -1 if s.lost_supervised is None else s.lost_supervised
+    return (_SAMPLE.pack(s.row, len(s.input_ids), lost) + np.asarray(s.input_ids, dtype="<i4").tobytes()
             + np.asarray(s.loss_mask, dtype=np.uint8).tobytes())
 
 

@@ -5,6 +5,7 @@ manifest's summary, and the progress bar.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ import torch
 
 from eagle3_target.data.samples import DataReport
 
-__all__ = ["DumpSummary", "Progress", "StageClock", "summary_json", "logits_bytes_per_token", "human_bytes"]
+__all__ = ["DumpSummary", "Progress", "PROGRESS_LINE_SECONDS", "StageClock", "summary_json",
+           "logits_bytes_per_token", "human_bytes", "config_changes"]
 
 
 def human_bytes(n: float) -> str:
@@ -53,6 +55,18 @@ class DumpSummary:
     shards_repaired: int = 0
     run_child_rows: int = 0
     """Rows of this run rendered by the child process (``--render``), the rest by a thread."""
+    already_complete: bool = False
+    """This run found the dump complete and sound, and loaded no target."""
+    max_length: int | None = None
+    truncated_rows: int = 0
+    """Samples cut to ``max_length``, and the supervised tokens cut from them."""
+    truncated_supervised: int = 0
+
+    @property
+    def truncated_share(self) -> float:
+        """The share of the supervised tokens ``max_length`` cut from the samples kept."""
+        total = self.supervised_tokens + self.truncated_supervised
+        return self.truncated_supervised / total if total else 0.0
 
     @property
     def bytes_per_token(self) -> float:
@@ -61,6 +75,7 @@ class DumpSummary:
     def lines(self) -> list[str]:
         report = DataReport()
         report.add_json(self.skipped, self.examples)
+        report.truncated_rows, report.truncated_supervised = self.truncated_rows, self.truncated_supervised
         ratio = (f" ({self.logits_bytes_per_token:,.0f} with full logits: "
                  f"{self.logits_bytes_per_token / self.bytes_per_token:.1f}x more)"
                  if self.bytes_per_token and self.mode != "logits" else "")
@@ -76,12 +91,35 @@ class DumpSummary:
             f"adopted {self.shards_adopted}, repaired {self.shards_repaired}"
             + (f"; {self.run_child_rows:,} rows rendered by a child process" if self.run_child_rows else ""),
         ]
+        if self.already_complete:
+            out[2] = (f"  this run: nothing to do, the dump was already complete; its {self.shards} shards "
+                      f"were checked in {self.run_seconds:.1f} s without loading the target")
         if self.run_load_seconds > 0 and self.run_seconds > self.run_load_seconds:
             work = self.run_seconds - self.run_load_seconds
             out.append(f"  after loading the target ({self.run_load_seconds:.1f} s): "
                        f"{self.run_tokens / work:,.0f} tokens/s, {self.run_bytes / work / 1e6:,.1f} MB/s")
         skipped = report.lines()
-        return out + ([f"  {s}" for s in skipped] if skipped else ["  no rows skipped"])
+        cut = report.truncation_lines(self.max_length, self.supervised_tokens)
+        return (out + ([f"  {s}" for s in skipped] if skipped else ["  no rows skipped"])
+                + [f"  {s}" for s in cut])
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"differs in: max_length, mode: max_length 2048 on record, 512 now; mode ..."``: each field of a dump's
+    configuration record that differs, with the value on record and this run's (a data
+    file's record, a long hash, is shortened)."""
+
+    def show(v: Any) -> str:
+        if isinstance(v, str) and len(v) > 24:
+            return v[:12] + "..."
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            return "[" + ", ".join(f"{d.get('name')} ({d.get('bytes')} B, sha256 {str(d.get('sha256'))[:12]}...)"
+                                   for d in v) + "]"
+        return json.dumps(v)
+
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return (f"differs in: {', '.join(keys)}: "
+            + "; ".join(f"{k} {show(old.get(k))} on record, {show(new.get(k))} now" for k in keys))
 
 
 def logits_bytes_per_token(config: dict[str, Any]) -> float:
@@ -95,17 +133,31 @@ def summary_json(manifest: dict[str, Any]) -> dict[str, Any]:
     for e in manifest["shards"] + ([manifest["tail"]] if manifest.get("tail") else []):
         report.add_json(e["skipped"], e["examples"])
     shards = manifest["shards"]
-    return {"samples": sum(e["num_samples"] for e in shards), "tokens": sum(e["tokens"] for e in shards),
-            "supervised_tokens": sum(e["supervised_tokens"] for e in shards),
-            "bytes": sum(e["bytes"] for e in shards), "skipped": report.counts_json(),
-            "examples": report.examples_json()}
+    out = {"samples": sum(e["num_samples"] for e in shards), "tokens": sum(e["tokens"] for e in shards),
+           "supervised_tokens": sum(e["supervised_tokens"] for e in shards),
+           "bytes": sum(e["bytes"] for e in shards), "skipped": report.counts_json(),
+           "examples": report.examples_json()}
+    cut = [e["truncated"] for e in shards if "truncated" in e]
+    if cut:  # absent when --max-length cut nothing, as in each shard's entry
+        out["truncated"] = {k: sum(c[k] for c in cut) for k in ("rows", "supervised_tokens_lost")}
+    return out
+
+
+PROGRESS_LINE_SECONDS = 30.0
+"""Without a terminal, a progress line on stderr this often (and at the start)."""
 
 
 class Progress:
-    """The dump's progress bar (tqdm on stderr): rows, tokens/s and MB/s."""
+    """The dump's progress on stderr: a bar (tqdm) on a terminal, lines without one.
+
+    ``enabled``: True, a bar; False, nothing; None, a bar when stderr is a terminal and
+    otherwise a line every :data:`PROGRESS_LINE_SECONDS` (a job under a scheduler or
+    ``nohup`` would otherwise print nothing until its summary). :meth:`say` prints one
+    line in either form."""
 
     def __init__(self, total: int, initial: int, enabled: bool | None):
         self.bar = None
+        self.lines = enabled is None and not sys.stderr.isatty()
         if enabled is None:
             enabled = sys.stderr.isatty()
         if enabled:
@@ -113,14 +165,34 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="row", dynamic_ncols=True,
                             desc="dump", file=sys.stderr)
-        self.t0 = time.perf_counter()
+        self.total, self.done = total, initial
+        self.t0 = self.last = time.perf_counter()
+
+    @staticmethod
+    def announcer(enabled: bool | None) -> Callable[[str], None]:
+        """What prints a line before the bar exists: to stderr unless ``enabled`` is False."""
+        if enabled is False:
+            return lambda msg: None
+        return lambda msg: print(f"dump: {msg}", file=sys.stderr, flush=True)
+
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"dump: {msg}", file=sys.stderr)
+        elif self.lines:
+            print(f"dump: {msg}", file=sys.stderr, flush=True)
 
     def update(self, rows: int, tokens: int, nbytes: int) -> None:
-        if self.bar is None:
-            return
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"{tokens / dt:,.0f} tok/s, {nbytes / dt / 1e6:,.1f} MB/s", refresh=False)
-        self.bar.update(rows)
+        self.done += rows
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{tokens / dt:,.0f} tok/s, {nbytes / dt / 1e6:,.1f} MB/s", refresh=False)
+            self.bar.update(rows)
+        elif self.lines and now - self.last >= PROGRESS_LINE_SECONDS:
+            self.last = now
+            share = self.done / self.total if self.total else 1.0
+            print(f"dump: {self.done:,}/{self.total:,} rows ({share:.0%}), {tokens / dt:,.0f} tokens/s, "
+                  f"{nbytes / dt / 1e6:,.1f} MB/s, {now - self.t0:,.0f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

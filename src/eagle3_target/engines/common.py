@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPES", "parse_dtype", "text_config", "default_device", "quiet_transformers"]
+__all__ = ["DTYPES", "parse_dtype", "text_config", "default_device", "resolve_device", "quiet_transformers"]
 
 # Accepted spellings -> torch dtype name. Only the three floating dtypes a target runs in.
 DTYPES: dict[str, str] = {
@@ -51,6 +51,31 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: Any) -> "torch.device":
+    """``None`` (:func:`default_device`), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a
+    torch.device -> a torch.device that exists here; ValueError naming the device and
+    the way out otherwise (torch's own errors say "Torch not compiled with CUDA enabled"
+    deep inside the first copy to it)."""
+    import torch
+
+    try:
+        dev = torch.device(device or default_device())
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ValueError(f"--device {device}: {why}; use --device cpu (or a CUDA build of torch on a "
+                             f"GPU machine)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s), 0..{n - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: the engines run on cpu or cuda")
+    return dev
 
 
 def quiet_transformers() -> None:

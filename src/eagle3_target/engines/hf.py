@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from eagle3_target.contract import LMHead, validate_aux_layer_ids
-from eagle3_target.engines.common import default_device, parse_dtype, text_config
+from eagle3_target.engines.common import parse_dtype, resolve_device, text_config
 
 __all__ = ["HFTargetRunner", "build", "find_decoder_layers", "default_attn_implementation",
            "EAGER_ATTENTION"]
@@ -220,17 +220,22 @@ def build(
     if attn_implementation is None:
         attn_implementation = default_attn_implementation(model_path, trust_remote_code)
 
-    device = torch.device(device or default_device())
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None:
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        dtype=torch_dtype,
-        local_files_only=True,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=torch_dtype,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    except ImportError as e:  # flash_attention_2 and friends need a package of their own
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot load here: {e} "
+                         f"(install that package, or use --engine-arg attn_implementation=sdpa or "
+                         f"eager)") from None
     model.to(device)
     model.requires_grad_(False)
     return HFTargetRunner(model)

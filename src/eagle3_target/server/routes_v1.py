@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from eagle3_target.contract import HiddenRunner
 from eagle3_target.errors import ApiError
+from eagle3_target.server.identity import folder_identity
 from eagle3_target.server.state import (
     OCTET,
     ServerState,
@@ -99,6 +100,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         return json_response({
             "protocol": PROTOCOL_VERSION,
             "model": state.settings.model_name,
+            **folder_identity(state.settings.model_name),
             "engine": state.settings.engine,
             **model_info(target),
             "dtype": dtype,

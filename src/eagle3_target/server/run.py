@@ -13,15 +13,13 @@ cancelled with a 503), close the engine, print ``stopped`` and exit 0. A model t
 from __future__ import annotations
 
 import ipaddress
-import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eagle3_target.wire import TOKEN_ENV
+from eagle3_target.wire import TOKEN_ENV, read_token
 
 if TYPE_CHECKING:
     from eagle3_target.server.settings import ServerSettings
@@ -42,27 +40,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a hostname we would have to resolve: treat as exposed
-
-
-def read_token(token_file: str | None, env: dict[str, str] | None = None) -> str | None:
-    """The token from ``--token-file`` (first line, stripped) or ``$EAGLE3_TARGET_TOKEN``."""
-    env = os.environ if env is None else env
-    if token_file is not None:
-        path = Path(token_file)
-        if not path.is_file():
-            raise ValueError(f"--token-file {token_file}: no such file")
-        token = path.read_text(encoding="utf-8").strip().splitlines()
-        value = token[0].strip() if token else ""
-        if not value:
-            raise ValueError(f"--token-file {token_file}: the file is empty")
-        return value
-    value = env.get(TOKEN_ENV)
-    if value is not None:
-        value = value.strip()
-        if not value:
-            raise ValueError(f"${TOKEN_ENV} is set but empty")
-        return value
-    return None
 
 
 def check_bind(host: str, token: str | None, insecure: bool) -> None:

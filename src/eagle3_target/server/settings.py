@@ -61,6 +61,8 @@ class ServerSettings:
     waits for room before it runs (one request larger than this runs alone)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535 (0 picks a free one), got {self.port!r}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         if self.max_request_bytes < 1024:
