@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from eagle3_target.cli.common import engine_options
+from eagle3_target.cli.common import check_writable, engine_options
 from eagle3_target.regen.config import OUTPUT_FORMATS, TURNS, RegenConfig, default
 
 __all__ = ["register", "config_from_args", "run", "parse_template_kwargs", "TOKEN_ENVS"]
@@ -55,13 +55,17 @@ def run(args: argparse.Namespace) -> int:
     """What ``eagle3-target regenerate`` does with parsed ``args``."""
     from eagle3_target.regen import run_regenerate
 
+    from eagle3_target.cli import error_message
+
     cfg = config_from_args(args)
+    check_writable(cfg.out, "--out", folder=True)
     try:
         summary = run_regenerate(cfg)
     except (OSError, RuntimeError) as e:  # a full disk, a server gone past the retries
-        print(f"eagle3-target regenerate: error: {e}\nthe finished shards are kept; rerun the same command "
-              f"to continue", file=sys.stderr)
-        return 1
+        msg, code = error_message(e)
+        print(f"eagle3-target regenerate: error: {' '.join(msg.split())}; the finished shards are kept; run "
+              f"the same command again to continue", file=sys.stderr)
+        return code
     print("\n".join(summary.lines()))
     return 0
 

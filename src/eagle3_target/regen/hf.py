@@ -135,8 +135,10 @@ class HFGenerator:
 
     def __init__(self, model_path: str, tokenizer: Any, renderer: PromptRenderer, *, sampling: dict[str, Any],
                  batch_size: int, device: str | None = None, dtype: str | None = None, **engine_args: Any):
+        from eagle3_target.engines import check_options
         from eagle3_target.engines import hf as hf_engine
 
+        check_options("hf", engine_args)  # an option build() does not take: named, with those it does
         self._runner = hf_engine.build(model_path, device=device, dtype=dtype, **engine_args)
         self.model = self._runner.model
         self.renderer = renderer
