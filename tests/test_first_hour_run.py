@@ -66,15 +66,19 @@ def test_an_output_in_a_read_only_folder_is_refused_before_loading(cmd, tmp_path
     assert str(ro) in r.stderr
 
 
-def _dump_args(model, out, *extra):
-    return ["dump", "--model", str(model), "--data", str(sample_data_path()), "--out", str(out),
+def _dump_args(model, out, *extra, data=None):
+    return ["dump", "--model", str(model), "--data", str(data or sample_data_path()), "--out", str(out),
             "--mode", "hidden", "--dtype", "bfloat16", "--shard-size-mb", "0.25", *extra]
 
 
 def test_ctrl_c_keeps_the_finished_shards_and_the_same_command_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "d"
+    # Four copies of the sample chats: enough work left after the first shard that the
+    # interrupt lands mid-dump on a fast machine too.
+    data = tmp_path / "chats.jsonl"
+    data.write_text(sample_data_path().read_text() * 4)
     env = {**os.environ, "PYTHONPATH": SRC}
-    proc = subprocess.Popen([sys.executable, "-m", "eagle3_target.cli", *_dump_args(tiny_model_dir, out)],
+    proc = subprocess.Popen([sys.executable, "-m", "eagle3_target.cli", *_dump_args(tiny_model_dir, out, data=data)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, env=env)
     manifest = out / "manifest.json"
@@ -91,20 +95,20 @@ def test_ctrl_c_keeps_the_finished_shards_and_the_same_command_resumes(tiny_mode
     last = stderr.strip().splitlines()[-1]
     assert last == (f"eagle3-target dump: interrupted; the finished shards in {out} are kept; run the same "
                     f"command again to continue")
-    assert "dump: starting at row 0: 300 of 300 rows left" in stderr  # no terminal: lines, not a bar
+    assert "dump: starting at row 0: 1,200 of 1,200 rows left" in stderr  # no terminal: lines, not a bar
     kept = json.loads(manifest.read_text())["shards"]
     assert kept and not list(out.glob(".tmp-*"))
-    r = run_cli(*_dump_args(tiny_model_dir, out))
+    r = run_cli(*_dump_args(tiny_model_dir, out, data=data))
     assert r.returncode == 0, r.stderr
     assert f"dump: checking the {len(kept)} finished shards in {out} (sha256 of each)" in r.stderr
     assert f"dump: resuming after {len(kept)} shards at row {kept[-1]['rows'][1]:,}" in r.stderr
     assert run_cli("verify", out).returncode == 0
     # Complete: a rerun says so and loads nothing (a model folder without weights would fail to load).
-    r = run_cli(*_dump_args(tiny_model_dir, out))
+    r = run_cli(*_dump_args(tiny_model_dir, out, data=data))
     assert r.returncode == 0 and "holds a complete dump" in r.stderr and "without loading the target" in r.stderr
     assert "nothing to do, the dump was already complete" in r.stdout and "tokens/s" not in r.stdout.split("\n")[2]
     # A changed setting is refused with both values.
-    r = run_cli(*_dump_args(tiny_model_dir, out, "--max-length", "512", "--batch-tokens", "4096"))
+    r = run_cli(*_dump_args(tiny_model_dir, out, "--max-length", "512", "--batch-tokens", "4096", data=data))
     assert r.returncode == 2, r.stderr
     assert "differs in: batch_tokens, max_length: batch_tokens 8192 on record, 4096 now; max_length 2048 on " \
            "record, 512 now" in r.stderr
