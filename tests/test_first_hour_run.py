@@ -80,7 +80,11 @@ def test_ctrl_c_keeps_the_finished_shards_and_the_same_command_resumes(tiny_mode
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen([sys.executable, "-m", "eagle3_target.cli", *_dump_args(tiny_model_dir, out, data=data)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, env=env)
+                            text=True, env=env,
+                            # A shell without job control starts background jobs with SIGINT
+                            # ignored, and Python then never raises KeyboardInterrupt: give the
+                            # dump the terminal's default, as a user's shell does.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = out / "manifest.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
