@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,16 +33,8 @@ from eagle3_target.regen.hf import HFGenerator
 from eagle3_target.regen.prompts import PromptRenderer, Request
 from eagle3_target.tiny import resolve_model
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inprocess import cpu_name  # noqa: E402
 
 
 def main() -> None:
