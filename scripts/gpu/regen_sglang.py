@@ -35,8 +35,9 @@ from eagle3_target.regen.prompts import PromptRenderer, Request
 
 
 def single_turn_chats(path: Path, n: int) -> Path:
-    """``n`` ShareGPT rows (one human turn, one answer) cycled from the sample chats:
-    what both this job and SGLang's benchmark read."""
+    """``n`` ShareGPT rows (one human turn, one answer) cycled from the sample chats, as
+    JSON Lines at ``path`` (what this job reads) and as one JSON list beside it with the
+    suffix ``.json`` (what SGLang's benchmark reads: it ``json.load``s the whole file)."""
     rows = []
     src = [json.loads(x) for x in sample_data_path().read_text().splitlines()]
     i = 0
@@ -48,6 +49,7 @@ def single_turn_chats(path: Path, n: int) -> Path:
         rows.append({"conversations": [{"from": "human", "value": f"[{i}] {user}"}, {"from": "gpt", "value": answer}]})
         i += 1
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.with_suffix(".json").write_text(json.dumps(rows))
     return path
 
 
@@ -96,7 +98,7 @@ def sglang_bench(model: str, data: Path, n: int, out_len: int, work: Path) -> di
                                capture_output=True, text=True).stdout
     result = work / "bench_offline.jsonl"
     cmd = [sys.executable, "-m", "sglang.bench_offline_throughput", "--model-path", model, "--dataset-name",
-           "sharegpt", "--dataset-path", str(data), "--num-prompts", str(n), "--sharegpt-output-len", str(out_len),
+           "sharegpt", "--dataset-path", str(data.with_suffix(".json")), "--num-prompts", str(n), "--sharegpt-output-len", str(out_len),
            "--dtype", "bfloat16", "--attention-backend", "triton", "--result-filename", str(result)]
     if "--apply-chat-template" in help_text:
         cmd.append("--apply-chat-template")

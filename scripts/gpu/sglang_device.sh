@@ -171,7 +171,9 @@ for stage in "$@"; do
       step 420 python3 "$REPO/bench/bench_export.py" --formats ${EXPORT_FORMATS:-speculators,nemo} --dump /tmp/export-dump --vocab /tmp/export-vocab.safetensors \
         --model /tmp/llama8b --workdir /tmp/export-work --json "$OUT/bench_export.json" | tee "$OUT/bench_export.txt"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-      rm -rf /tmp/export-dump /tmp/export-work ;;
+      # EXPORT_KEEP=1 leaves the dump and vocabulary in /tmp for a later call on the same
+      # machine (the speculators export's wheels do not fit a carry beside SGLang's).
+      [ -n "${EXPORT_KEEP:-}" ] || rm -rf /tmp/export-dump /tmp/export-work ;;
     check-client)
       # The client's CUDA path (pinned reads, non-blocking device copies) vs in process.
       step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
