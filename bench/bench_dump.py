@@ -88,8 +88,7 @@ def empty_host_cache() -> None:
     torch.cuda.reset_accumulated_host_memory_stats()
 
 
-VARIANTS = ("base, switch-<ms>ms, pin-<n>, render-thread, render-process, child-ready, write-per-sample, "
-            "or several joined with +")
+VARIANTS = "base, switch-<ms>ms, pin-<n>, render-thread, render-process, child-ready, or several joined with +"
 
 
 @dataclass
@@ -98,16 +97,13 @@ class Variant:
     default. Each is a public setting: the GIL's switch interval, ``DumpConfig.pin_threads``
     and ``DumpConfig.render``, or ``child_ready`` (a render process started and ready
     before the clock starts, as the CLI's is by the time its engine has loaded, passed
-    to ``run_dump(render=...)``). One is not a setting: ``write-per-sample`` turns off
-    the shard writer's merging of adjacent pieces (:func:`~eagle3_target.wire.st_stream.coalesce`),
-    the writer as it was before, one ``write`` and one ``sha256.update`` per sample."""
+    to ``run_dump(render=...)``)."""
 
     name: str
     switch_s: float = 0.005
     pin_threads: int | None = None
     render: str = "auto"
     child_ready: bool = False
-    write_per_sample: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -117,8 +113,6 @@ class Variant:
                 v.switch_s = float(part[len("switch-"):-2]) / 1000
             elif part == "child-ready":
                 v.child_ready = True
-            elif part == "write-per-sample":
-                v.write_per_sample = True
             elif part.startswith("render-"):
                 v.render = part[len("render-"):]
             elif part.startswith("pin-"):
@@ -128,11 +122,7 @@ class Variant:
         return v
 
     def apply(self) -> None:
-        from eagle3_target.dump import format as dump_format
-        from eagle3_target.wire.st_stream import coalesce
-
         sys.setswitchinterval(self.switch_s)
-        dump_format.coalesce = list if self.write_per_sample else coalesce
         if torch.cuda.is_available():  # torch's default; a dump with pin_threads > 0 changes it
             set_allocator_settings("pinned_use_cuda_host_register:False,pinned_num_register_threads:1")
 

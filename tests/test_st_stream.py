@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load, save
 
 from eagle3_target.wire.st_stream import (
-    coalesce,
     ST_DTYPES,
     SafetensorsFormatError,
     byte_view,
@@ -135,29 +134,3 @@ def test_decode_copies_only_a_misaligned_tensor():
                  b"\x05" + struct.pack("<qq", -3, 9))
     got, _ = decode_buffer(body)
     assert got["u"].tolist() == [5] and got["x"].tolist() == [-3, 9]
-
-
-def _joined(pieces) -> bytes:
-    return b"".join(bytes(byte_view(p)) for p in pieces)
-
-
-def test_coalesce_merges_adjacent_slices_and_keeps_the_bytes():
-    batch1 = torch.randn(10, 6).to(torch.bfloat16)  # one batch's host copy, split per sample
-    batch2 = torch.randn(4, 6).to(torch.bfloat16)
-    ids = torch.arange(12, dtype=torch.int64).reshape(3, 4)  # right-padded rows: gaps between
-    pieces = [batch1[0:2], batch1[2:5], batch1[5:10], batch2[0:1], batch2[1:4],
-              ids[0, :3], ids[1, :3], ids[2], torch.empty(0, 6, dtype=torch.bfloat16), batch1[0:1]]
-    out = coalesce(pieces)
-    assert _joined(out) == _joined(pieces)
-    # batch1's three slices are one piece, batch2's two another; padded rows stay apart
-    assert [t.nbytes for t in out] == [120, 48, 24, 24, 32, 0, 12]
-    assert out[0].dtype == torch.uint8 and out[0].untyped_storage().data_ptr() == batch1.untyped_storage().data_ptr()
-
-
-def test_coalesce_leaves_lone_and_out_of_order_pieces_alone():
-    t = torch.arange(8, dtype=torch.int32)
-    pieces = [t[4:8], t[0:4]]  # adjacent in memory, but the file wants them the other way round
-    out = coalesce(pieces)
-    assert len(out) == 2 and out[0] is pieces[0] and out[1] is pieces[1]
-    assert _joined(out) == _joined(pieces)
-    assert coalesce([]) == []

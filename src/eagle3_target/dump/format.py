@@ -46,7 +46,7 @@ from eagle3_target.contract import LMHead
 from eagle3_target.dump.faults import kill_point
 from eagle3_target.dump.host import host_copy
 from eagle3_target.dump.modes import MODES
-from eagle3_target.wire.st_stream import byte_view, coalesce, layout_pieces
+from eagle3_target.wire.st_stream import byte_view, layout_pieces
 
 __all__ = [
     "FORMAT", "LM_HEAD_FILE", "ShardJob", "ShardWriter", "shard_layout", "pack_shard",
@@ -245,7 +245,7 @@ def stream_to_file(path: Path, header: bytes, pieces: Sequence[torch.Tensor],
     same memory while this one writes (both release the GIL): a shard then takes the
     longer of the two, not their sum -- sha256 runs at ~1.2 GB/s a thread on the H100
     host, about as fast as its disk."""
-    views = [byte_view(p) for p in coalesce(pieces)]  # one call per adjacent run, not per sample
+    views = [byte_view(p) for p in pieces]
     size = len(header) + sum(v.nbytes for v in views)
     h = hashlib.sha256(header)
     failed: list[BaseException] = []

@@ -35,7 +35,6 @@ import torch
 from eagle3_target.errors import SafetensorsFormatError
 
 __all__ = ["ST_DTYPES", "SafetensorsFormatError", "header_bytes", "layout", "layout_pieces", "byte_view",
-           "coalesce",
            "decode_buffer", "MAX_HEADER_BYTES"]
 
 # safetensors dtype names in the library's rank order (its Dtype enum); a file holds its
@@ -84,47 +83,6 @@ def byte_view(t: torch.Tensor) -> memoryview:
     """A flat byte view of a CPU tensor's memory (no copy when it is contiguous; the
     view keeps the tensor alive)."""
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def coalesce(pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``pieces`` (contiguous CPU tensors, in file order) with every run that lies back to
-    back in one storage merged into one flat ``uint8`` view of it; the bytes, in order,
-    are the same.
-
-    Why: a dump's samples of one batch are adjacent slices of one pinned host tensor, and
-    each ``write``/``sha256.update`` of a large buffer releases and retakes the GIL. One
-    call per sample (about 100 per shard and field) hands the GIL back to the writer
-    threads that often while the thread that drives the engine needs it; one call per
-    batch hands it back a few times per shard."""
-    out: list[torch.Tensor] = []
-    run: list[Any] | None = None  # [storage, first byte, end byte, pieces in the run]
-
-    def flush() -> None:
-        if run is None:
-            return
-        storage, begin, end, members = run
-        if len(members) == 1:
-            out.append(members[0])
-        else:
-            out.append(torch.empty(0, dtype=torch.uint8).set_(storage, begin, (end - begin,)))
-
-    for p in pieces:
-        if p.device.type != "cpu" or not p.is_contiguous() or p.numel() == 0:
-            flush()
-            run = None
-            out.append(p)
-            continue
-        storage = p.untyped_storage()
-        begin = p.storage_offset() * p.element_size()
-        end = begin + p.numel() * p.element_size()
-        if run is not None and run[0].data_ptr() == storage.data_ptr() and run[2] == begin:
-            run[2] = end
-            run[3].append(p)
-        else:
-            flush()
-            run = [storage, begin, end, [p]]
-    flush()
-    return out
 
 
 def layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
