@@ -100,7 +100,8 @@ for stage in "$@"; do
         --out "$OUT/regen_check.json" ;;
     regen-bench)
       # regenerate's SGLang engine against sglang.bench_offline_throughput on the same prompts
-      # (8B shape, EOS ignored by both); the goal is >= 0.9x its output tokens/s.
+      # (8B shape, EOS ignored by both); the goal is >= 0.9x its output tokens/s. SGLang's
+      # benchmark imports datasets (so pyarrow and pandas): put them on PYTHONPATH too.
       chat_target_8b
       EAGLE3_TF_REGISTER_PATCH=1 step 560 python3 "$S/regen_sglang.py" bench --model /tmp/llama8b --prompts ${REGEN_PROMPTS:-512} \
         --max-new-tokens ${REGEN_NEW:-256} --out "$OUT/regen_bench.json" ;;
