@@ -14,7 +14,7 @@ from eagle3_target.data.chat import ChatEncoder
 from eagle3_target.data.samples import iter_samples
 from batches import draft_vocab_file, files_of, first_sample_chats
 from eagle3_target.dump import DumpConfig, run_dump
-from eagle3_target.dump.format import read_manifest
+from eagle3_target.dump.format import folder_lock, read_manifest
 from eagle3_target.dump.verify import verify_dump
 from eagle3_target.dump.reader import Eagle3Dataset, collate_eagle3, rebuild_supervision
 from eagle3_target.vocab import compute_target_distribution
@@ -402,3 +402,14 @@ def test_load_time_counts_from_the_start_so_the_rate_after_it_excludes_the_token
     assert s.complete and s.run_samples > 0
     assert 2.0 <= s.run_load_seconds < s.run_seconds
     assert "after loading the target" in "\n".join(s.lines())
+
+
+def test_a_second_dump_on_the_same_folder_is_refused_and_changes_nothing(tmp_path, tiny_target, tok, data_file):
+    out = tmp_path / "d"
+    out.mkdir()
+    with folder_lock(out, ".lock-00000-of-00001", "held by this test"):  # another writer's lock
+        with pytest.raises(ValueError, match=r"another dump is writing .*d \(worker 0 of 1\)"):
+            dump(out, tiny_target, tok, [data_file])
+        assert sorted(p.name for p in out.iterdir()) == [".lock-00000-of-00001"]
+    dump(out, tiny_target, tok, [data_file])  # once the lock is gone the same call runs
+    assert read_manifest(out / "manifest.json")["complete"]

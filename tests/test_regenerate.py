@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from eagle3_target.data.rows import sample_data_path
+from eagle3_target.dump.format import folder_lock
 from eagle3_target.regen import RegenConfig, read_shard, run_regenerate
 from eagle3_target.regen.hf import HFGenerator, generate_ids, stop_token_ids
 from eagle3_target.regen.prompts import PromptRenderer, Request
@@ -276,3 +277,15 @@ def test_rows_the_reader_refuses_keep_its_reason(tmp_path, gen):
     s = run_regenerate(cfg(tmp_path, [data], max_row_mb=2 / 1024), generator=gen, log=lambda s: None)
     assert s.rows_written == 1 and s.skipped["malformed"] == {"invalid UTF-8": 1, "row too large": 1}
     assert [e["where"] for e in s.examples["malformed"]] == ["c.jsonl:2", "c.jsonl:3"]
+
+
+def test_a_second_job_on_the_same_folder_is_refused_and_changes_nothing(tmp_path, gen):
+    data = write_rows(tmp_path / "c.jsonl", sample_rows(2))
+    out = tmp_path / "out"
+    out.mkdir()
+    with folder_lock(out, ".lock", "held by this test"):  # another job's lock
+        with pytest.raises(ValueError, match=r"another regenerate is writing .*out"):
+            run_regenerate(cfg(tmp_path, [data]), generator=gen, log=lambda s: None)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    s = run_regenerate(cfg(tmp_path, [data]), generator=gen, log=lambda s: None)
+    assert s.rows_written == 2

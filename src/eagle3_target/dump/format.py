@@ -31,6 +31,8 @@ one pass. Reading stays with the library (``safe_open``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +40,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -53,7 +55,7 @@ __all__ = [
     "stream_to_file", "tmp_path", "write_atomic", "json_bytes", "config_sha256", "model_fingerprint",
     "dtype_name", "header_meta", "read_header_meta", "fsync_dir",
     "expected_fields", "manifest_paths", "read_manifest", "save_lm_head", "load_lm_head",
-    "sha256_file", "check_shard_file",
+    "sha256_file", "check_shard_file", "folder_lock",
 ]
 
 FORMAT = "eagle3-dump-v1"
@@ -77,6 +79,24 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str, busy: str) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``folder/name`` for the block: one writer per
+    folder (or per worker of a split job). A second is refused at once with ``busy``
+    (a ``ValueError``), before it touches a file. The kernel drops the lock with the
+    process, so a killed job never leaves a stale one behind."""
+    fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(busy) from None
+    try:
+        yield
     finally:
         os.close(fd)
 

@@ -28,8 +28,6 @@ Guarantees, and how:
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
 from pathlib import Path
@@ -49,6 +47,7 @@ from eagle3_target.dump.format import (
     ShardJob,
     ShardWriter,
     dtype_name,
+    folder_lock,
     model_fingerprint,
     read_manifest,
     save_lm_head,
@@ -193,11 +192,8 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
 
     if existing is not None and source is None:  # complete: say so, and load nothing if it is sound
         out.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out, cfg)
-        try:
+        with _lock(out, cfg):
             done = finished_without_target(cfg, existing, data, tokenizer, mapping, Progress.announcer(cfg.progress))
-        finally:
-            os.close(lock)
         if done is not None:
             done.already_complete, done.run_seconds = True, time.perf_counter() - t_start
             return done
@@ -248,14 +244,11 @@ def run_dump(cfg: DumpConfig, *, source: TargetSource | None = None, tokenizer: 
                              f"({config_changes(old, config)}); rerun with the original settings "
                              f"or use a new --out folder")
         out.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out, cfg)
-        try:
+        with _lock(out, cfg):
             summary = _run_locked(cfg, source, encoder, mapping, config, existing, tokenizer, child, t_start, log,
                                   clock or StageClock())
-            summary.run_load_seconds = load_seconds
-            return summary
-        finally:
-            os.close(lock)
+        summary.run_load_seconds = load_seconds
+        return summary
     finally:
         if child is not None:
             child.close()
@@ -292,14 +285,10 @@ def _in_process(source: Any) -> bool:
     return isinstance(source, Eagle3TargetModel)
 
 
-def _lock(out: Path, cfg: DumpConfig) -> int:
-    fd = os.open(out / f".lock{cfg.worker_tag or '-00000-of-00001'}", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"another dump is writing {out} (worker {cfg.shard_index} of {cfg.num_shards})") from None
-    return fd
+def _lock(out: Path, cfg: DumpConfig):
+    """This worker's lock on ``out`` (workers of a split job write side by side)."""
+    return folder_lock(out, f".lock{cfg.worker_tag or '-00000-of-00001'}",
+                       f"another dump is writing {out} (worker {cfg.shard_index} of {cfg.num_shards})")
 
 
 def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, mapping: Any,

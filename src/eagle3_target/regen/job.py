@@ -21,8 +21,6 @@ Guarantees, and how (the dump's, kept the same way):
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -30,7 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 from eagle3_target.data.rows import check_data_files, count_rows, iter_raw_rows
 from eagle3_target.data.samples import MALFORMED, DataReport, Skipped
 from eagle3_target.dump.faults import kill_point
-from eagle3_target.dump.format import model_fingerprint, sha256_file
+from eagle3_target.dump.format import folder_lock, model_fingerprint, sha256_file
 from eagle3_target.errors import MalformedRow
 from eagle3_target.regen.config import RegenConfig, row_seed
 from eagle3_target.regen.output import FORMAT, check_shard, read_manifest, write_manifest, write_shard
@@ -155,13 +153,10 @@ def run_regenerate(cfg: RegenConfig, *, generator: Generator | None = None, toke
             raise ValueError(f"{cfg.manifest_path()} was written with different settings (differs in: "
                              f"{', '.join(diff)}); rerun with the original settings or use a new --out folder")
         out.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out)
-        try:
+        with folder_lock(out, ".lock", f"another regenerate is writing {out}"):
             job = _Job(cfg, data, generator, renderer, context, total, log)
             return job.run(existing or {"format": FORMAT, "config": config, "shards": [], "complete": False,
                                         "summary": None}, t0)
-        finally:
-            os.close(lock)
     finally:
         if own:
             generator.close()
@@ -187,16 +182,6 @@ def _config_record(cfg: RegenConfig, data: list[Path], generator: Generator, tok
         "batch_size": cfg.batch_size if local else None,
         "dtype": cfg.dtype if local else None,
     }
-
-
-def _lock(out: Path) -> int:
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"another regenerate is writing {out}") from None
-    return fd
 
 
 def _over_context(n_prompt: int, cfg: RegenConfig, context: int | None) -> str | None:
