@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from batches import draft_vocab_file, first_sample_chats
+from eagle3_target.dump.format import folder_lock
 from eagle3_target.cli import main as cli_main
 from eagle3_target.dump import DumpConfig, run_dump
 from eagle3_target.dump.reader import Eagle3Dataset
@@ -184,6 +185,12 @@ def test_other_settings_over_an_export_are_refused(tmp_path, dump_dir, vocab_fil
     (tmp_path / "busy" / "x.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
         export("speculators", str(dump_dir), str(tmp_path / "busy"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with folder_lock(locked, ".lock", "held by this test"):  # another export's lock
+        with pytest.raises(ValueError, match="another export is writing"):
+            export("speculators", str(dump_dir), str(locked), vocab=str(vocab_file))
+        assert sorted(p.name for p in locked.iterdir()) == [".lock"]
 
 
 def test_our_reader_reads_the_export_back_as_our_samples(exported, dump_dir):

@@ -15,7 +15,7 @@ of the dump and the export's settings: a rerun after a kill gives the same bytes
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from eagle3_target.dump.faults import kill_point
-from eagle3_target.dump.format import fsync_dir, json_bytes, sha256_file, stream_to_file, tmp_path
+from eagle3_target.dump.format import folder_lock, fsync_dir, json_bytes, sha256_file, stream_to_file, tmp_path
 from eagle3_target.wire.st_stream import layout_pieces
 
 __all__ = ["SIDECAR", "EXPORT_FORMAT", "FLUSH_EVERY", "ExportFiles", "ExportSummary", "ExportReport",
@@ -91,12 +91,8 @@ class ExportFiles:
             raise ValueError(f"--out {self.out} is not empty and holds no {SIDECAR}: its files cannot be "
                              f"checked against this export; use an empty folder")
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock)
-            raise ValueError(f"another export is writing {self.out}") from None
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(folder_lock(self.out, ".lock", f"another export is writing {self.out}"))
         for tmp in sorted(self.out.rglob(f".tmp-{_TMP_TAG}*")):
             # a killed run's unfinished files (and the dataset's staging folder): never part of the export
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
@@ -181,9 +177,13 @@ class ExportFiles:
 
     def close(self) -> None:
         """Releases the folder's lock. Idempotent."""
-        if self._lock >= 0:
-            os.close(self._lock)
-            self._lock = -1
+        self._lock.close()
+
+    def summary(self, samples: int, tokens: int, seconds: float) -> "ExportSummary":
+        """What this export holds (every recorded file) and what this run wrote."""
+        total = sum(f["bytes"] for f in self.record["files"].values())
+        return ExportSummary(str(self.out), self.record["to"], samples, tokens, total, self.written,
+                             self.bytes_written, seconds, self.rewritten)
 
 
 @dataclass

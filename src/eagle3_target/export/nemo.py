@@ -116,9 +116,7 @@ def export_nemo(dump: str | Path, out: str | Path, *, vocab: str | None, model: 
     finally:
         files.close()
         src.close()
-    total = sum(f["bytes"] for f in files.record["files"].values())
-    return ExportSummary(str(out), "nemo", n, sum(lengths), total, files.written, files.bytes_written,
-                         time.perf_counter() - t0, files.rewritten)
+    return files.summary(n, sum(lengths), time.perf_counter() - t0)
 
 
 def _sample(raw: dict[str, torch.Tensor], s_len: int, pad_id: int, mapping: Any, head: Any,

@@ -99,9 +99,7 @@ def export_speculators(dump: str | Path, out: str | Path, *, vocab: str | None =
     finally:
         files.close()
         src.close()
-    total = sum(f["bytes"] for f in files.record["files"].values())
-    return ExportSummary(str(out), "speculators", n, sum(lengths), total, files.written, files.bytes_written,
-                         time.perf_counter() - t0, files.rewritten)
+    return files.summary(n, sum(lengths), time.perf_counter() - t0)
 
 
 def _write_dataset(files: ExportFiles, src: DumpSource) -> None:
