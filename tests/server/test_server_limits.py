@@ -258,3 +258,28 @@ def test_shutdown_with_stalled_clients_is_quick_and_quiet(tiny_path, token):
     # or never; the rest is closing the engine.
     assert code == 0 and took < 2 + 3, (took, srv.output()[-2000:])
     assert "Traceback" not in srv.output() and "CancelledError" not in srv.output()
+
+
+def test_requests_still_queued_after_the_drain_timeout_get_a_503_to_retry(tiny_path, token):
+    # --drain-timeout 0.2: requests still waiting for the engine then are cancelled, each
+    # with a 503 that says when to retry (as the server's other 503s do), not a cut socket.
+    srv = ServerProcess(server_args(tiny_path, *LIMITS, "--drain-timeout", "0.2", "--max-batch-tokens", "4096"),
+                        token=token)
+    srv.start()
+    queued = [_connect(srv) for _ in range(12)]
+    for s in queued:
+        s.sendall(_big_request(token, seq=4096))  # one batch each: they wait in turn
+    time.sleep(0.3)
+    srv.proc.send_signal(signal.SIGTERM)
+    answers = [_read_all(s) for s in queued]
+    code = srv.proc.wait(60)
+    srv.stop()
+    for s in queued:
+        s.close()
+    statuses = [_status(a) for a in answers]
+    cancelled = [a for a in answers if _status(a) == 503]
+    assert cancelled and set(statuses) <= {200, 503}, statuses
+    for a in cancelled:
+        head = a.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"\r\nretry-after: 2" in head and b'"error":"stopping"' in a.replace(b" ", b""), a[:400]
+    assert code == 0 and "Traceback" not in srv.output()

@@ -93,4 +93,5 @@ def create_app(settings: ServerSettings, worker: EngineWorker, metrics: ServerMe
     routes_nemo.add_routes(app, state)
 
     paths = {r.path for r in app.routes if hasattr(r, "path")}
-    return Guard(app, token=settings.token, metrics=metrics, known_paths=lambda: paths)
+    return Guard(app, token=settings.token, metrics=metrics, known_paths=lambda: paths,
+                 retry_after_s=settings.retry_after_s)

@@ -59,8 +59,9 @@ class Guard:
     """Auth and metrics around the whole app (pure ASGI: no per-request task or copy)."""
 
     def __init__(self, app: Any, *, token: str | None, metrics: ServerMetrics,
-                 known_paths: Callable[[], set[str]]):
+                 known_paths: Callable[[], set[str]], retry_after_s: int = 1):
         self.app = app
+        self._retry_after = str(retry_after_s).encode()
         self.metrics = metrics
         self._digest = hashlib.sha256(token.encode()).digest() if token else None
         self._known = known_paths
@@ -113,6 +114,7 @@ class Guard:
                                    "this request was answered; retry"}).encode()
                 await send({"type": "http.response.start", "status": 503, "headers": [
                     (b"content-type", b"application/json"), (b"connection", b"close"),
+                    (b"retry-after", self._retry_after),  # as every other 503 of ours
                     (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
                 status["code"] = 503
