@@ -13,8 +13,9 @@ and throughput against SGLang's own offline benchmark on the same prompts.
       of the same single-turn chats, the same chat template, EOS ignored by both so every
       answer is --max-new-tokens long). The goal: >= 0.9x its output tokens/s.
 
-``--dry-run`` runs either on the CPU with the transformers engine in SGLang's place (the
-script's plumbing, not a measurement).
+``--dry-run`` runs either on the CPU with the transformers engine in SGLang's place: for
+``check``, transformers in ``--dtype`` against transformers fp32 (is the model peaked
+enough that bf16 decodes it as fp32 does?); for ``bench``, the plumbing only.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def generator(engine: str, model: str, tok, sampling: dict, dry: bool, extra: di
               dtype: str = "bfloat16"):
     renderer = PromptRenderer(tok)
     if engine == "hf" or dry:
+        # --dry-run: the transformers engine in --dtype stands in for SGLang, against
+        # transformers fp32, on the CPU: whether the model is peaked enough for bf16.
         return HFGenerator(model, tok, renderer, sampling=sampling, batch_size=64,
-                           device="cpu" if dry else "cuda", dtype="float32" if dry else dtype)
+                           device="cpu" if dry else "cuda", dtype=("float32" if engine == "hf" else dtype) if dry else dtype)
     from eagle3_target.regen.sglang import SGLangGenerator
 
     return SGLangGenerator(model, tok, renderer, sampling=sampling, dtype=dtype, extra_sampling=extra,

@@ -94,9 +94,12 @@ for stage in "$@"; do
       fi ;;
     regen-check)
       # regenerate through SGLang's offline Engine: greedy rows equal the transformers engine's
-      # (bf16, same GPU) on the peaked tiny model.
-      step 60 python3 "$S/make_target.py" tiny-peaked /tmp/tiny-peaked
-      EAGLE3_TF_REGISTER_PATCH=1 step 420 python3 "$S/regen_sglang.py" check --model /tmp/tiny-peaked --rows ${REGEN_ROWS:-32} \
+      # (bf16, same GPU) on a tiny model trained on the rows it answers (REGEN_TINY=tiny-peaked:
+      # the random peaked one, whose near-ties bf16 cannot resolve); each divergence is tested
+      # against fp32.
+      tiny=${REGEN_TINY:-tiny-trained}
+      step 180 python3 "$S/make_target.py" $tiny /tmp/$tiny --rows ${REGEN_ROWS:-32}
+      EAGLE3_TF_REGISTER_PATCH=1 step 420 python3 "$S/regen_sglang.py" check --model /tmp/$tiny --rows ${REGEN_ROWS:-32} \
         --out "$OUT/regen_check.json" ;;
     regen-bench)
       # regenerate's SGLang engine against sglang.bench_offline_throughput on the same prompts
