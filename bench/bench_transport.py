@@ -68,14 +68,24 @@ def serve(args) -> None:
                 access_log=False)
 
 
-def _wait(port: int) -> None:
-    for _ in range(300):
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server started next)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for_port(port: int, seconds: float = 30.0) -> None:
+    """Returns once something accepts on loopback ``port``; raises after ``seconds``."""
+    for _ in range(int(seconds * 10)):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"no server came up on port {port} within {seconds:g} s")
 
 
 def client_httpx(url: str, path: str, runs: int) -> tuple[list[float], int]:
@@ -149,17 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args)
         return 0
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--http", args.http,
            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--hidden", str(args.hidden)]
     srv = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        _wait(port)
+        wait_for_port(port)
         combos = [("bytes", "httpx+st_load"), ("stream", "httpx+st_load"),
                   ("stream", "urllib3+st_load"), ("stream", "readinto+views"),
                   ("bytes", "readinto+views")]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,14 +26,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+sys.path.insert(0, str(HERE / "bench"))
+from bench_transport import free_port, wait_for_port  # noqa: E402
 
 
 def _pool_class(tree: Path, name: str):
@@ -57,17 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     procs, pools = [], {}
     try:
         for name, (tree, http) in sides.items():
-            port = _port()
+            port = free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "bench/bench_transport.py", "--serve", "--port", str(port), "--http", http,
                  "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--hidden", str(args.hidden)],
                 cwd=tree, env={"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin"}))
-            for _ in range(600):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            wait_for_port(port, seconds=60)
             pools[name] = _pool_class(tree, f"http_pool_{name}")(f"http://127.0.0.1:{port}", timeout=600,
                                                                    connect_timeout=10)
         from eagle3_target.wire.st_stream import decode_buffer
