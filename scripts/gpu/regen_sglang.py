@@ -114,7 +114,7 @@ def tie_analysis(model: str, diverged: list[tuple[list[int], list[int], list[int
 def check(args: argparse.Namespace) -> dict:
     tok = load_tokenizer(args.model)
     data = single_turn_chats(Path(args.work) / "check.jsonl", args.rows)
-    rows, ids = {}, {}
+    rows, ids, generated = {}, {}, {}
     for engine in ("sglang", "hf"):
         out = Path(args.work) / f"check-{engine}"
         cfg = RegenConfig(out=str(out), data=[str(data)], model=args.model, engine="hf", dtype=args.dtype,
@@ -126,20 +126,27 @@ def check(args: argparse.Namespace) -> dict:
         finally:
             gen.close()
         print("\n".join(s.lines()))
+        generated[engine] = s.generated_tokens
         rows[engine] = [r for p in sorted(out.glob("regen-*")) for r in read_shard(p)]
     if args.fake_divergence:  # --dry-run only: exercise the analysis below on the CPU
         p0 = next(iter(ids["sglang"]))
         ids["sglang"][p0] = ids["sglang"][p0][:2] + [(ids["sglang"][p0][2] + 1) % len(tok)]
     same_text = sum(a["messages"][-1]["content"] == b["messages"][-1]["content"]
                     for a, b in zip(rows["sglang"], rows["hf"]))
+    # The finish reasons and token counts too: equal ids can still be recorded apart
+    # (an answer that ends on its last allowed token is "length" to SGLang).
+    same_finish = sum(a["finish_reason"] == b["finish_reason"] for a, b in zip(rows["sglang"], rows["hf"]))
     diverged = [(list(p), ids["sglang"][p], ids["hf"][p]) for p in ids["hf"] if ids["sglang"].get(p) != ids["hf"][p]]
     stop_id = tok.eos_token_id if tok.eos_token_id is not None else 0
     ties = tie_analysis(args.model, diverged, stop_id, "cpu" if args.dry_run else "cuda") if diverged else []
     n = len(rows["hf"])
     return {"stage": "check", "dtype": args.dtype, "rows": n, "equal_text": same_text,
             "equal_ids": len(ids["hf"]) - len(diverged), "diverged": len(diverged),
-            "diverged_at_ties": sum(t["tie"] for t in ties),
-            "pass": n == args.rows and all(t["tie"] for t in ties), "divergences": ties}
+            "diverged_at_ties": sum(t["tie"] for t in ties), "equal_finish_reason": same_finish,
+            "generated_tokens": generated,
+            "pass": n == args.rows and all(t["tie"] for t in ties)
+            and (bool(diverged) or (same_finish == n and generated["sglang"] == generated["hf"])),
+            "divergences": ties}
 
 
 def sglang_bench(model: str, data: Path, n: int, out_len: int, work: Path) -> dict:

@@ -66,17 +66,27 @@ class SGLangGenerator:
         params = [sampling_params(self.sampling, self.stop_ids, r.seed, self.seed_field, self.extra_sampling)
                   for r in requests]
         outs = self._sg.offline_generate(self.engine, prompts, params)
-        answers = []
-        for p, o in zip(prompts, outs):
-            ids = [int(t) for t in o.get("output_ids") or []]
-            fin = (o.get("meta_info") or {}).get("finish_reason") or {}
-            reason = fin.get("type") if isinstance(fin, dict) else str(fin)
-            if ids and ids[-1] in self.stop_ids:
-                ids = ids[:-1]  # the stop token is not part of the answer
-            answers.append(self.renderer.answer(p, ids, "length" if reason == "length" else "stop"))
+        answers = [self._answer(p, o) for p, o in zip(prompts, outs)]
         if on_done is not None:
             on_done(len(answers), sum(a.completion_tokens for a in answers))
         return answers
+
+    def _answer(self, prompt: list[int], out: dict[str, Any]) -> Answer:
+        """One SGLang result as an :class:`Answer`, with the transformers engine's
+        finish reasons: ``stop`` whenever the answer ended with a stop token, ``length``
+        only when it was cut; an aborted request is refused, never kept as an answer."""
+        ids = [int(t) for t in out.get("output_ids") or []]
+        fin = (out.get("meta_info") or {}).get("finish_reason") or {}
+        reason = fin.get("type") if isinstance(fin, dict) else str(fin)
+        if reason not in ("stop", "length"):  # "abort": SGLang gave up on this prompt
+            why = fin.get("message") if isinstance(fin, dict) else None
+            return Answer("", "refused", 0, refused=f"sglang finish_reason {reason!r}" + (f": {why}" if why else ""))
+        stopped = bool(ids) and ids[-1] in self.stop_ids
+        if stopped:
+            ids = ids[:-1]  # the stop token is not part of the answer
+        # SGLang checks max_new_tokens before the stop tokens, so an answer whose stop
+        # token is its last allowed one comes back as "length": it ended all the same.
+        return self.renderer.answer(prompt, ids, "stop" if stopped or reason == "stop" else "length")
 
     def close(self) -> None:
         self.engine.shutdown()
