@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b validate-families validate-tp regen-check regen-bench bench bench-server bench-dump bench-dump-large cli-dump export-8b bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b validate-families validate-tp regen-check regen-bench bench bench-server bench-dump bench-dump-large cli-dump diag-dump export-8b bench-transport diag-io check-client
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -158,6 +158,16 @@ for stage in "$@"; do
         --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
         | tee "$OUT/cli_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       rm -rf /tmp/cli-dump ;;
+    diag-dump)
+      # Where the dump loses engine throughput: the engine alone, then with the host
+      # copies, the shard writes, synthetic disk writes beside it, and run_dump itself,
+      # on DIAG_COPIES (12) x the sample chats (scripts/gpu/diag_dump_stages.py).
+      chat_target_8b
+      for i in $(seq ${DIAG_COPIES:-12}); do cat "$REPO/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-diag.jsonl
+      step 560 python3 "$S/diag_dump_stages.py" --model /tmp/llama8b --engine sglang --device cuda --dtype bfloat16 \
+        --data /tmp/chats-diag.jsonl --batch-tokens 16384 --rounds ${DIAG_ROUNDS:-2} ${DIAG_ARGS:-} \
+        --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
+        --out "$OUT/diag_dump.json" | tee "$OUT/diag_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     export-8b)
       # The trainers' formats at the 8B shape: a draft-mode dump with --with-prenorm (SGLang,
       # EXPORT_ROWS (200) sample chats cut at 512 tokens), then both exports of it; prints

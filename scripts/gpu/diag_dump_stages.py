@@ -1,0 +1,249 @@
+"""Where a hidden-mode dump loses engine throughput: the engine alone against the engine
+with each part of the dump's pipeline added, on the same batches in one process.
+
+    python scripts/gpu/diag_dump_stages.py --model /tmp/llama8b --engine sglang --device cuda \
+        --dtype bfloat16 --data chats.jsonl --batch-tokens 16384 --rounds 2 \
+        --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 \
+        --engine-arg max_batch_tokens=16384
+
+Stages (each a whole pass over the batches; the rounds alternate them):
+
+- ``engine``: the mode's computation only, as ``bench_dump.py``'s engine-alone figure.
+- ``+copy``: also gather the real tokens on the device and copy them to pinned host
+  memory on the copy thread (:class:`~eagle3_target.dump.host.HostCopier`), rows dropped.
+- ``+write``: also cut shards and write them (:class:`~eagle3_target.dump.format.ShardWriter`).
+- ``engine+disk``: the engine alone while another thread writes synthetic shards of the
+  same bytes through the same writer: the disk and page cache's share, without copies.
+- ``dump``: ``run_dump`` itself (render child, read-ahead thread and all).
+
+For each stage: the wall time, the engine calls' wall time, and the GPU's time from
+the start to the end of each forward (CUDA events on the engine's stream, no sync): a
+larger GPU time means slower kernels or gaps inside a forward; equal GPU time with a
+larger wall time means the GPU waited between forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from eagle3_target.cli.common import add_model_args, load_target
+from eagle3_target.data.chat import ChatEncoder
+from eagle3_target.data.samples import Sample, iter_samples
+from eagle3_target.data.tokenizer import load_tokenizer
+from eagle3_target.dump import MODES, DumpConfig, greedy_batches, pack_batch, run_dump
+from eagle3_target.dump.batching import Batch, Rows
+from eagle3_target.dump.config import default
+from eagle3_target.dump.format import ShardJob, ShardWriter
+from eagle3_target.dump.host import HostCopier
+from eagle3_target.engines.packing import gather_rows
+from eagle3_target.tiny import resolve_model
+
+CUDA = torch.cuda.is_available()
+FIELDS = ["input_ids", "loss_mask", "aux_hidden_states", "hidden_states"]
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class Forwards:
+    """The engine calls' wall time and GPU span (events on the current stream)."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(self, compute):
+        """``compute`` with its calls timed into this object."""
+
+        def run(*a):
+            t0 = time.perf_counter()
+            if not CUDA:  # a CPU smoke run of the script: no events
+                out = compute(*a)
+                self.wall += time.perf_counter() - t0
+                return out
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            out = compute(*a)
+            e1.record()
+            self.wall += time.perf_counter() - t0
+            self.events.append((e0, e1))
+            return out
+
+        return run
+
+    def run(self, target, ids, attn, lmask, lengths):
+        return self.timed(MODES["hidden"].compute)(target, ids, attn, lmask, lengths, None)
+
+    def gpu(self) -> float:
+        if not CUDA:
+            return self.wall
+        torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for a, b in self.events) / 1000
+
+
+def pipeline(target, packed, copy: bool, write: Path | None, shard_mb: float) -> tuple[Forwards, float]:
+    """The dump's pipeline without rendering: the engine runs batch N+1 while batch N
+    is copied; with ``write``, whole batches go into shards of ``shard_mb``."""
+    fw, copier = Forwards(), HostCopier(8)
+    writer = ShardWriter(write, lambda job, entry: None, "0" * 64, FIELDS, "",
+                         threads=DumpConfig(out=str(write)).writer_threads) if write else None
+    limit, index = shard_mb * (1 << 20), 0
+    samples: list[dict] = []
+    rows_of: list[int] = []
+    nbytes, last = 0, None
+    t0 = time.perf_counter()
+    for b, (ids, attn, lmask) in packed:
+        lengths = [len(s) for s in b]
+        out = fw.run(target, ids, attn, lmask, lengths)
+        launched = None
+        if copy:
+            launched = Rows(Batch(b, ids, attn, lmask, [], 0), lengths, copier.submit(gather_rows(out, attn)))
+        del out
+        if last is not None:
+            rows = last.result()
+            if writer is not None:
+                samples += rows
+                rows_of += list(range(len(rows_of), len(rows_of) + len(rows)))
+                nbytes += sum(t.numel() * t.element_size() for r in rows for t in r.values())
+                if nbytes >= limit:
+                    writer.put(ShardJob(index, f"shard-{index:05d}.safetensors", {"index": index}, samples, rows_of))
+                    index, samples, rows_of, nbytes = index + 1, [], [], 0
+        last = launched
+    if last is not None:
+        rows = last.result()
+        if writer is not None:
+            samples += rows
+            rows_of += list(range(len(rows_of), len(rows_of) + len(rows)))
+    if writer is not None:
+        if samples:
+            writer.put(ShardJob(index, f"shard-{index:05d}.safetensors", {"index": index}, samples, rows_of))
+        writer.close()
+    copier.close()
+    sync()
+    return fw, time.perf_counter() - t0
+
+
+def engine_with_disk(target, packed, out: Path, total_bytes: int, shard_mb: float) -> tuple[Forwards, float]:
+    """The engine alone while a thread writes ``total_bytes`` of synthetic shards."""
+    g = torch.Generator().manual_seed(0)
+    seq = 512
+    sample = {"input_ids": torch.zeros(seq, dtype=torch.int64), "loss_mask": torch.ones(seq, dtype=torch.uint8),
+              "aux_hidden_states": torch.randn(seq, 3 * target.hidden_size, generator=g).to(torch.bfloat16),
+              "hidden_states": torch.randn(seq, target.hidden_size, generator=g).to(torch.bfloat16)}
+    per = sum(t.numel() * t.element_size() for t in sample.values())
+    per_shard = max(1, int(shard_mb * (1 << 20)) // per)
+    n_shards = max(1, total_bytes // (per * per_shard))
+
+    def write() -> None:
+        w = ShardWriter(out, lambda job, entry: None, "0" * 64, FIELDS, "",
+                        threads=DumpConfig(out=str(out)).writer_threads)
+        for j in range(n_shards):
+            w.put(ShardJob(j, f"shard-{j:05d}.safetensors", {"index": j}, [sample] * per_shard,
+                           list(range(per_shard))))
+        w.close()
+
+    th = threading.Thread(target=write)
+    fw = Forwards()
+    t0 = time.perf_counter()
+    th.start()
+    for b, (ids, attn, lmask) in packed:
+        fw.run(target, ids, attn, lmask, [len(s) for s in b])
+    sync()
+    wall = time.perf_counter() - t0
+    th.join()
+    return fw, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--shard-size-mb", type=float, default=256)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--stages", default="engine,+copy,+write,engine+disk,dump")
+    p.add_argument("--workdir", default="/tmp")
+    p.add_argument("--out", default=None, help="JSON of every stage's figures")
+    args = p.parse_args()
+    target = load_target(args)
+    model_dir = resolve_model(args.model)
+    tok = load_tokenizer(model_dir)
+    enc = ChatEncoder(tok, max_length=default("max_length"), vocab_size=target.vocab_size)
+    samples = [s for s in iter_samples([args.data], enc) if isinstance(s, Sample)]
+    batches = list(greedy_batches(samples, args.batch_tokens))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    packed = [(b, pack_batch(b, pad)) for b in batches]
+    tokens = sum(len(s) for s in samples)
+    total_bytes = tokens * (4 * target.hidden_size * 2 + 9)
+    print(f"{torch.cuda.get_device_name() if CUDA else 'cpu'}: {len(samples)} samples, {tokens:,} tokens, {len(batches)} batches; "
+          f"~{total_bytes / 2**30:.1f} GiB of hidden-mode rows", flush=True)
+    pipeline(target, packed[:2], True, None, args.shard_size_mb)  # warm-up: kernels and the pinned pool
+    work = Path(tempfile.mkdtemp(prefix="diag-dump-", dir=args.workdir))
+    results: dict[str, list[dict]] = {}
+    try:
+        for r in range(args.rounds):
+            for stage in args.stages.split(","):
+                out = work / f"{stage}-{r}"
+                out.mkdir()
+                if stage == "engine":
+                    fw, wall = pipeline(target, packed, False, None, args.shard_size_mb)
+                elif stage == "+copy":
+                    fw, wall = pipeline(target, packed, True, None, args.shard_size_mb)
+                elif stage == "+write":
+                    fw, wall = pipeline(target, packed, True, out, args.shard_size_mb)
+                elif stage == "engine+disk":
+                    fw, wall = engine_with_disk(target, packed, out, total_bytes, args.shard_size_mb)
+                elif stage == "dump":
+                    shutil.rmtree(out)
+                    fw = Forwards()
+                    orig_spec = MODES["hidden"]
+                    orig = orig_spec.compute
+                    cfg = DumpConfig(out=str(out), data=[args.data], mode="hidden", model=model_dir,
+                                     batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
+                                     progress=False)
+                    MODES["hidden"] = dataclasses.replace(orig_spec, compute=fw.timed(orig))
+                    try:
+                        t0 = time.perf_counter()
+                        run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
+                        sync()
+                        wall = time.perf_counter() - t0
+                    finally:
+                        MODES["hidden"] = orig_spec
+                else:
+                    raise SystemExit(f"unknown stage {stage!r}")
+                gpu = fw.gpu()
+                row = {"round": r, "wall_s": wall, "engine_calls_s": fw.wall, "gpu_forward_s": gpu,
+                       "tokens_per_s": tokens / wall}
+                results.setdefault(stage, []).append(row)
+                print(f"round {r} {stage:12s} wall {wall:6.2f} s  engine calls {fw.wall:6.2f} s  "
+                      f"GPU forwards {gpu:6.2f} s  {tokens / wall:8,.0f} tok/s", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = statistics.median(x["wall_s"] for x in results["engine"]) if "engine" in results else None
+    print("\n| stage | wall s (median) | engine calls s | GPU forwards s | vs engine |")
+    print("|---|---:|---:|---:|---:|")
+    for stage, rows in results.items():
+        med = {k: statistics.median(x[k] for x in rows) for k in ("wall_s", "engine_calls_s", "gpu_forward_s")}
+        ratio = f"{base / med['wall_s']:.3f}" if base else ""
+        print(f"| {stage} | {med['wall_s']:.2f} | {med['engine_calls_s']:.2f} | {med['gpu_forward_s']:.2f} | {ratio} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    target.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
