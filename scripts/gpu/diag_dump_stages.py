@@ -11,9 +11,12 @@ Stages (each a whole pass over the batches; the rounds alternate them):
 - ``engine``: the mode's computation only, as ``bench_dump.py``'s engine-alone figure.
 - ``+copy``: also gather the real tokens on the device and copy them to pinned host
   memory on the copy thread (:class:`~eagle3_target.dump.host.HostCopier`), rows dropped.
-- ``+write``: also cut shards and write them (:class:`~eagle3_target.dump.format.ShardWriter`).
+- ``+write``: also cut shards and write them (:class:`~eagle3_target.dump.format.ShardWriter`);
+  ``+write-1t`` with one writer thread, ``+write-plain`` without sha256 and fsync,
+  ``+write-split`` with the last shard cut in 8 written side by side.
 - ``engine+disk``: the engine alone while another thread writes synthetic shards of the
-  same bytes through the same writer: the disk and page cache's share, without copies.
+  same bytes through the same writer, at the dump's pace, from memory that is not
+  cache-hot: the disk's and page cache's share, without host copies.
 - ``dump``: ``run_dump`` itself (render child, read-ahead thread and all).
 
 For each stage: the wall time, the engine calls' wall time, and the GPU's time from
@@ -44,9 +47,11 @@ from eagle3_target.data.tokenizer import load_tokenizer
 from eagle3_target.dump import MODES, DumpConfig, greedy_batches, pack_batch, run_dump
 from eagle3_target.dump.batching import Batch, Rows
 from eagle3_target.dump.config import default
+from eagle3_target.dump import format as fmt
 from eagle3_target.dump.format import ShardJob, ShardWriter
 from eagle3_target.dump.host import HostCopier
 from eagle3_target.engines.packing import gather_rows
+from eagle3_target.wire.st_stream import byte_view
 from eagle3_target.tiny import resolve_model
 
 CUDA = torch.cuda.is_available()
@@ -94,77 +99,147 @@ class Forwards:
         return sum(a.elapsed_time(b) for a, b in self.events) / 1000
 
 
-def pipeline(target, packed, copy: bool, write: Path | None, shard_mb: float) -> tuple[Forwards, float]:
+@dataclasses.dataclass
+class Setup:
+    """One stage's pipeline: what runs beside the engine."""
+
+    copy: bool = False
+    write: bool = False
+    threads: int | None = None  # writer threads (None: the dump's default)
+    plain: bool = False  # writes without sha256 and fsync
+    split_tail: int = 1  # the last shard cut into this many, written in parallel
+
+
+STAGES = {
+    "engine": Setup(),
+    "+copy": Setup(copy=True),
+    "+write": Setup(copy=True, write=True),
+    "+write-1t": Setup(copy=True, write=True, threads=1),
+    "+write-plain": Setup(copy=True, write=True, plain=True),
+    "+write-split": Setup(copy=True, write=True, split_tail=8),
+}
+
+
+def plain_write(path: Path, header: bytes, pieces, parallel_from: int = 0) -> tuple[str, int]:
+    """``stream_to_file`` without sha256 and fsync: what those two cost the engine."""
+    views = [byte_view(p) for p in pieces]
+    with open(path, "wb") as f:
+        f.write(header)
+        for v in views:
+            f.write(v)
+    return "0" * 64, len(header) + sum(v.nbytes for v in views)
+
+
+def pipeline(target, packed, setup: Setup, out: Path, shard_mb: float) -> tuple[Forwards, float, dict]:
     """The dump's pipeline without rendering: the engine runs batch N+1 while batch N
-    is copied; with ``write``, whole batches go into shards of ``shard_mb``."""
+    is copied; with ``write``, whole batches go into shards of ``shard_mb``. Also returns
+    the main thread's waits: for host copies, for the writers' queue, for the drain."""
     fw, copier = Forwards(), HostCopier(8)
-    writer = ShardWriter(write, lambda job, entry: None, "0" * 64, FIELDS, "",
-                         threads=DumpConfig(out=str(write)).writer_threads) if write else None
+    threads = setup.threads or DumpConfig(out=str(out)).writer_threads
+    waits = {"host copy": 0.0, "put": 0.0, "drain": 0.0}
+    saved = fmt.stream_to_file
+    if setup.plain:
+        fmt.stream_to_file = plain_write
+    writer = ShardWriter(out, lambda job, entry: None, "0" * 64, FIELDS, "", threads=threads) if setup.write else None
     limit, index = shard_mb * (1 << 20), 0
     samples: list[dict] = []
-    rows_of: list[int] = []
     nbytes, last = 0, None
+
+    def put(part: list[dict]) -> None:
+        nonlocal index
+        t = time.perf_counter()
+        writer.put(ShardJob(index, f"shard-{index:05d}.safetensors", {"index": index}, part, list(range(len(part)))))
+        waits["put"] += time.perf_counter() - t
+        index += 1
+
+    def take(launched) -> None:
+        nonlocal samples, nbytes
+        t = time.perf_counter()
+        rows = launched.result()
+        waits["host copy"] += time.perf_counter() - t
+        if writer is None:
+            return
+        samples += rows
+        nbytes += sum(t.numel() * t.element_size() for r in rows for t in r.values())
+        if nbytes >= limit:
+            put(samples)
+            samples, nbytes = [], 0
+
     t0 = time.perf_counter()
-    for b, (ids, attn, lmask) in packed:
-        lengths = [len(s) for s in b]
-        out = fw.run(target, ids, attn, lmask, lengths)
-        launched = None
-        if copy:
-            launched = Rows(Batch(b, ids, attn, lmask, [], 0), lengths, copier.submit(gather_rows(out, attn)))
-        del out
+    try:
+        for b, (ids, attn, lmask) in packed:
+            lengths = [len(s) for s in b]
+            out_ = fw.run(target, ids, attn, lmask, lengths)
+            launched = None
+            if setup.copy:
+                launched = Rows(Batch(b, ids, attn, lmask, [], 0), lengths, copier.submit(gather_rows(out_, attn)))
+            del out_
+            if last is not None:
+                take(last)
+            last = launched
         if last is not None:
-            rows = last.result()
-            if writer is not None:
-                samples += rows
-                rows_of += list(range(len(rows_of), len(rows_of) + len(rows)))
-                nbytes += sum(t.numel() * t.element_size() for r in rows for t in r.values())
-                if nbytes >= limit:
-                    writer.put(ShardJob(index, f"shard-{index:05d}.safetensors", {"index": index}, samples, rows_of))
-                    index, samples, rows_of, nbytes = index + 1, [], [], 0
-        last = launched
-    if last is not None:
-        rows = last.result()
+            take(last)
         if writer is not None:
-            samples += rows
-            rows_of += list(range(len(rows_of), len(rows_of) + len(rows)))
-    if writer is not None:
-        if samples:
-            writer.put(ShardJob(index, f"shard-{index:05d}.safetensors", {"index": index}, samples, rows_of))
-        writer.close()
-    copier.close()
-    sync()
-    return fw, time.perf_counter() - t0
+            k = max(1, min(setup.split_tail, len(samples)))
+            for j in range(k):
+                part = samples[j * len(samples) // k:(j + 1) * len(samples) // k]
+                if part:
+                    put(part)
+            t = time.perf_counter()
+            writer.close()
+            waits["drain"] = time.perf_counter() - t
+        copier.close()
+        sync()
+    finally:
+        fmt.stream_to_file = saved
+    return fw, time.perf_counter() - t0, waits
 
 
-def engine_with_disk(target, packed, out: Path, total_bytes: int, shard_mb: float) -> tuple[Forwards, float]:
-    """The engine alone while a thread writes ``total_bytes`` of synthetic shards."""
+def engine_with_disk(target, packed, out: Path, total_bytes: int, shard_mb: float,
+                     seconds: float) -> tuple[Forwards, float, dict]:
+    """The engine alone while a thread writes ``total_bytes`` of synthetic shards at the
+    dump's pace (spread over ``seconds``), from 2 GiB of distinct memory (not cache-hot),
+    hashed and fsynced by the dump's writer: the disk's and page cache's share alone."""
     g = torch.Generator().manual_seed(0)
-    seq = 512
-    sample = {"input_ids": torch.zeros(seq, dtype=torch.int64), "loss_mask": torch.ones(seq, dtype=torch.uint8),
-              "aux_hidden_states": torch.randn(seq, 3 * target.hidden_size, generator=g).to(torch.bfloat16),
-              "hidden_states": torch.randn(seq, target.hidden_size, generator=g).to(torch.bfloat16)}
-    per = sum(t.numel() * t.element_size() for t in sample.values())
+    seq, h = 512, target.hidden_size
+    pool = torch.randn(2 << 30 >> 1, generator=g).to(torch.bfloat16)  # 2 GiB of bf16
+    per = seq * (4 * h * 2 + 9)
     per_shard = max(1, int(shard_mb * (1 << 20)) // per)
     n_shards = max(1, total_bytes // (per * per_shard))
+    ids, lmask = torch.zeros(seq, dtype=torch.int64), torch.ones(seq, dtype=torch.uint8)
+    step = seq * 4 * h
+
+    def sample(k: int) -> dict:
+        at = (k * step) % (pool.numel() - step)
+        flat = pool[at:at + step]
+        return {"input_ids": ids, "loss_mask": lmask, "aux_hidden_states": flat[:seq * 3 * h].view(seq, 3 * h),
+                "hidden_states": flat[seq * 3 * h:].view(seq, h)}
+
+    busy = {"writer s": 0.0}
 
     def write() -> None:
         w = ShardWriter(out, lambda job, entry: None, "0" * 64, FIELDS, "",
                         threads=DumpConfig(out=str(out)).writer_threads)
+        t_start = time.perf_counter()
         for j in range(n_shards):
-            w.put(ShardJob(j, f"shard-{j:05d}.safetensors", {"index": j}, [sample] * per_shard,
-                           list(range(per_shard))))
+            wait = t_start + seconds * j / n_shards - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            w.put(ShardJob(j, f"shard-{j:05d}.safetensors", {"index": j},
+                           [sample(j * per_shard + i) for i in range(per_shard)], list(range(per_shard))))
         w.close()
+        busy["writer s"] = time.perf_counter() - t_start
 
     th = threading.Thread(target=write)
     fw = Forwards()
     t0 = time.perf_counter()
     th.start()
-    for b, (ids, attn, lmask) in packed:
-        fw.run(target, ids, attn, lmask, [len(s) for s in b])
+    for b, (ids_, attn, lm) in packed:
+        fw.run(target, ids_, attn, lm, [len(s) for s in b])
     sync()
     wall = time.perf_counter() - t0
     th.join()
-    return fw, wall
+    return fw, wall, busy
 
 
 def main() -> None:
@@ -174,7 +249,8 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=16384)
     p.add_argument("--shard-size-mb", type=float, default=256)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--stages", default="engine,+copy,+write,engine+disk,dump")
+    p.add_argument("--stages", default="engine,+copy,+write,engine+disk,dump",
+                   help=f"comma-separated, of: {', '.join(STAGES)}, engine+disk, dump")
     p.add_argument("--workdir", default="/tmp")
     p.add_argument("--out", default=None, help="JSON of every stage's figures")
     args = p.parse_args()
@@ -190,22 +266,24 @@ def main() -> None:
     total_bytes = tokens * (4 * target.hidden_size * 2 + 9)
     print(f"{torch.cuda.get_device_name() if CUDA else 'cpu'}: {len(samples)} samples, {tokens:,} tokens, {len(batches)} batches; "
           f"~{total_bytes / 2**30:.1f} GiB of hidden-mode rows", flush=True)
-    pipeline(target, packed[:2], True, None, args.shard_size_mb)  # warm-up: kernels and the pinned pool
     work = Path(tempfile.mkdtemp(prefix="diag-dump-", dir=args.workdir))
+    (work / "warm").mkdir()
+    pipeline(target, packed[:4], STAGES["+write"], work / "warm", args.shard_size_mb)  # kernels, pinned pool
+    engine_s = 10.0
     results: dict[str, list[dict]] = {}
     try:
         for r in range(args.rounds):
             for stage in args.stages.split(","):
                 out = work / f"{stage}-{r}"
                 out.mkdir()
-                if stage == "engine":
-                    fw, wall = pipeline(target, packed, False, None, args.shard_size_mb)
-                elif stage == "+copy":
-                    fw, wall = pipeline(target, packed, True, None, args.shard_size_mb)
-                elif stage == "+write":
-                    fw, wall = pipeline(target, packed, True, out, args.shard_size_mb)
+                waits: dict = {}
+                if stage in STAGES:
+                    fw, wall, waits = pipeline(target, packed, STAGES[stage], out, args.shard_size_mb)
+                    if stage == "engine":
+                        engine_s = wall
                 elif stage == "engine+disk":
-                    fw, wall = engine_with_disk(target, packed, out, total_bytes, args.shard_size_mb)
+                    fw, wall, waits = engine_with_disk(target, packed, out, total_bytes, args.shard_size_mb,
+                                                       engine_s)
                 elif stage == "dump":
                     shutil.rmtree(out)
                     fw = Forwards()
@@ -226,10 +304,11 @@ def main() -> None:
                     raise SystemExit(f"unknown stage {stage!r}")
                 gpu = fw.gpu()
                 row = {"round": r, "wall_s": wall, "engine_calls_s": fw.wall, "gpu_forward_s": gpu,
-                       "tokens_per_s": tokens / wall}
+                       "tokens_per_s": tokens / wall, **{k: round(v, 3) for k, v in waits.items()}}
                 results.setdefault(stage, []).append(row)
                 print(f"round {r} {stage:12s} wall {wall:6.2f} s  engine calls {fw.wall:6.2f} s  "
-                      f"GPU forwards {gpu:6.2f} s  {tokens / wall:8,.0f} tok/s", flush=True)
+                      f"GPU forwards {gpu:6.2f} s  {tokens / wall:8,.0f} tok/s  "
+                      + "  ".join(f"{k} {v:.2f} s" for k, v in waits.items()), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
