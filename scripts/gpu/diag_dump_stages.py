@@ -17,7 +17,8 @@ Stages (each a whole pass over the batches; the rounds alternate them):
 - ``engine+disk``: the engine alone while another thread writes synthetic shards of the
   same bytes through the same writer, at the dump's pace, from memory that is not
   cache-hot: the disk's and page cache's share, without host copies.
-- ``dump``: ``run_dump`` itself (render child, read-ahead thread and all).
+- ``dump``: ``run_dump`` itself (render child, read-ahead thread and all), its engine
+  calls timed by its own :class:`~eagle3_target.dump.summary.StageClock` (no GPU column).
 
 For each stage: the wall time, the engine calls' wall time, and the GPU's time from
 the start to the end of each forward (CUDA events on the engine's stream, no sync): a
@@ -50,6 +51,7 @@ from eagle3_target.dump.config import default
 from eagle3_target.dump import format as fmt
 from eagle3_target.dump.format import ShardJob, ShardWriter
 from eagle3_target.dump.host import HostCopier
+from eagle3_target.dump.summary import StageClock
 from eagle3_target.engines.packing import gather_rows
 from eagle3_target.wire.st_stream import byte_view
 from eagle3_target.tiny import resolve_model
@@ -70,27 +72,20 @@ class Forwards:
         self.wall = 0.0
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def timed(self, compute):
-        """``compute`` with its calls timed into this object."""
-
-        def run(*a):
-            t0 = time.perf_counter()
-            if not CUDA:  # a CPU smoke run of the script: no events
-                out = compute(*a)
-                self.wall += time.perf_counter() - t0
-                return out
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            out = compute(*a)
-            e1.record()
-            self.wall += time.perf_counter() - t0
-            self.events.append((e0, e1))
-            return out
-
-        return run
-
     def run(self, target, ids, attn, lmask, lengths):
-        return self.timed(MODES["hidden"].compute)(target, ids, attn, lmask, lengths, None)
+        compute = MODES["hidden"].compute
+        t0 = time.perf_counter()
+        if not CUDA:  # a CPU smoke run of the script: no events
+            out = compute(target, ids, attn, lmask, lengths, None)
+            self.wall += time.perf_counter() - t0
+            return out
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        out = compute(target, ids, attn, lmask, lengths, None)
+        e1.record()
+        self.wall += time.perf_counter() - t0
+        self.events.append((e0, e1))
+        return out
 
     def gpu(self) -> float:
         if not CUDA:
@@ -285,29 +280,27 @@ def main() -> None:
                     fw, wall, waits = engine_with_disk(target, packed, out, total_bytes, args.shard_size_mb,
                                                        engine_s)
                 elif stage == "dump":
+                    # run_dump's own seam: its StageClock times the engine calls (no
+                    # CUDA events there, so this stage has no GPU column).
                     shutil.rmtree(out)
-                    fw = Forwards()
-                    orig_spec = MODES["hidden"]
-                    orig = orig_spec.compute
+                    clock = StageClock()
                     cfg = DumpConfig(out=str(out), data=[args.data], mode="hidden", model=model_dir,
                                      batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
                                      progress=False)
-                    MODES["hidden"] = dataclasses.replace(orig_spec, compute=fw.timed(orig))
-                    try:
-                        t0 = time.perf_counter()
-                        run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None)
-                        sync()
-                        wall = time.perf_counter() - t0
-                    finally:
-                        MODES["hidden"] = orig_spec
+                    t0 = time.perf_counter()
+                    run_dump(cfg, source=target, tokenizer=tok, log=lambda s: None, clock=clock)
+                    sync()
+                    wall = time.perf_counter() - t0
+                    fw = Forwards()
+                    fw.wall = clock.totals.get("engine", 0.0)
                 else:
                     raise SystemExit(f"unknown stage {stage!r}")
-                gpu = fw.gpu()
+                gpu = fw.gpu() if stage != "dump" else None
                 row = {"round": r, "wall_s": wall, "engine_calls_s": fw.wall, "gpu_forward_s": gpu,
                        "tokens_per_s": tokens / wall, **{k: round(v, 3) for k, v in waits.items()}}
                 results.setdefault(stage, []).append(row)
                 print(f"round {r} {stage:12s} wall {wall:6.2f} s  engine calls {fw.wall:6.2f} s  "
-                      f"GPU forwards {gpu:6.2f} s  {tokens / wall:8,.0f} tok/s  "
+                      f"GPU forwards {'-' if gpu is None else f'{gpu:6.2f}'} s  {tokens / wall:8,.0f} tok/s  "
                       + "  ".join(f"{k} {v:.2f} s" for k, v in waits.items()), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -316,9 +309,11 @@ def main() -> None:
     print("\n| stage | wall s (median) | engine calls s | GPU forwards s | vs engine |")
     print("|---|---:|---:|---:|---:|")
     for stage, rows in results.items():
-        med = {k: statistics.median(x[k] for x in rows) for k in ("wall_s", "engine_calls_s", "gpu_forward_s")}
+        med = {k: statistics.median(x[k] for x in rows) for k in ("wall_s", "engine_calls_s")}
+        gpus = [x["gpu_forward_s"] for x in rows if x["gpu_forward_s"] is not None]
+        gpu = f"{statistics.median(gpus):.2f}" if gpus else "-"
         ratio = f"{base / med['wall_s']:.3f}" if base else ""
-        print(f"| {stage} | {med['wall_s']:.2f} | {med['engine_calls_s']:.2f} | {med['gpu_forward_s']:.2f} | {ratio} |")
+        print(f"| {stage} | {med['wall_s']:.2f} | {med['engine_calls_s']:.2f} | {gpu} | {ratio} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     target.close()
