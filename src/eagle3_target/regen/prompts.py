@@ -70,6 +70,11 @@ class Answer:
     tool_calls: list[Any] | None = None
     """Tool calls the server parsed out of the answer (kept in the message)."""
 
+    @classmethod
+    def refusal(cls, why: str) -> "Answer":
+        """No answer for this prompt, and why: the row is skipped with ``why`` as its reason."""
+        return cls("", "refused", 0, refused=why)
+
     def message(self) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.reasoning_content is not None:

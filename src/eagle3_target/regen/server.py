@@ -129,7 +129,7 @@ class ChatServerGenerator:
         try:
             out = self._call("POST", "/chat/completions", body)
         except _Refused as e:
-            return Answer("", "refused", 0, refused=str(e))
+            return Answer.refusal(str(e))
         try:
             choice = out["choices"][0]
             msg = choice["message"]
@@ -138,7 +138,7 @@ class ChatServerGenerator:
                                     url=self.base) from None
         reason = str(choice.get("finish_reason") or "stop")
         if reason not in _FINISHED:  # "abort" and the like: the server gave up on this prompt
-            return Answer("", "refused", 0, refused=f"finish_reason {reason!r}")
+            return Answer.refusal(f"finish_reason {reason!r}")
         usage = out.get("usage") or {}
         reasoning = msg.get("reasoning_content") or msg.get("reasoning")
         answer = Answer(msg.get("content") or "", reason,

@@ -80,7 +80,7 @@ class SGLangGenerator:
         reason = fin.get("type") if isinstance(fin, dict) else str(fin)
         if reason not in ("stop", "length"):  # "abort": SGLang gave up on this prompt
             why = fin.get("message") if isinstance(fin, dict) else None
-            return Answer("", "refused", 0, refused=f"sglang finish_reason {reason!r}" + (f": {why}" if why else ""))
+            return Answer.refusal(f"sglang finish_reason {reason!r}" + (f": {why}" if why else ""))
         stopped = bool(ids) and ids[-1] in self.stop_ids
         if stopped:
             ids = ids[:-1]  # the stop token is not part of the answer
