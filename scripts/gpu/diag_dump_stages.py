@@ -293,6 +293,7 @@ def main() -> None:
                     wall = time.perf_counter() - t0
                     fw = Forwards()
                     fw.wall = clock.totals.get("engine", 0.0)
+                    waits = {k: v for k, v in clock.totals.items() if k != "engine"}
                 else:
                     raise SystemExit(f"unknown stage {stage!r}")
                 gpu = fw.gpu() if stage != "dump" else None
