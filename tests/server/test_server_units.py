@@ -155,6 +155,35 @@ def test_packing_takes_the_oldest_and_fills_the_budget_with_its_kind():
     assert not w._pending
 
 
+def test_merging_stops_once_a_call_holds_merge_below_tokens():
+    jobs = [_job("hidden", i, 1, 40) for i in range(4)]  # 40 padded tokens each
+
+    def batches(**kw) -> list[int]:
+        w = EngineWorker(lambda: None, max_batch_tokens=160, **kw)
+        w._pending.extend(jobs)
+        sizes = []
+        while w._pending:
+            sizes.append(len(w._take_batch_locked()))
+        for j in jobs:  # fresh futures for the next policy
+            j.future = type(j.future)()
+        return sizes
+
+    assert batches() == [2, 2]  # default: half the budget (80): 40 joins, 80 takes no more
+    assert batches(merge_below_tokens=160) == [4]  # up to the budget
+    assert batches(merge_below_tokens=41) == [2, 2]
+    assert batches(merge_below_tokens=1) == [1, 1, 1, 1]  # never merges
+    with pytest.raises(ValueError, match="merge_below_tokens"):
+        EngineWorker(lambda: None, max_batch_tokens=160, merge_below_tokens=161)
+
+
+def test_merge_below_tokens_is_checked_before_the_server_starts():
+    from eagle3_target.server.settings import ServerSettings
+
+    with pytest.raises(ValueError, match="--merge-below-tokens must be in 1..--max-batch-tokens"):
+        ServerSettings(max_batch_tokens=100, merge_below_tokens=0)
+    assert ServerSettings(max_batch_tokens=100, merge_below_tokens=100).merge_below_tokens == 100
+
+
 def test_packing_skips_cancelled_jobs():
     w = EngineWorker(lambda: None, max_batch_tokens=100)
     a, b = _job("logits", 0, 1, 8), _job("logits", 1, 1, 8)

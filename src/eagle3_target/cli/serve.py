@@ -25,20 +25,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "sglang" and "max_batch_tokens" not in engine_options(args):
         # Size SGLang's KV pool for the largest engine call this server will make.
         engine_kwargs["max_batch_tokens"] = args.max_batch_tokens
-    model = resolve_model(args.model)
-    args.model = model
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Settings are checked before the model is resolved: a bad flag builds nothing.
     settings = ServerSettings(
         host=args.host, port=args.port, token=token, insecure=args.insecure,
-        max_batch_tokens=args.max_batch_tokens, max_request_bytes=args.max_request_bytes,
-        exit_on_disconnect=args.exit_on_disconnect, model_name=model, engine=args.engine,
+        max_batch_tokens=args.max_batch_tokens, merge_below_tokens=args.merge_below_tokens,
+        max_request_bytes=args.max_request_bytes,
+        exit_on_disconnect=args.exit_on_disconnect, engine=args.engine,
         log_level=args.log_level, http=args.http, max_header_bytes=args.max_header_bytes,
         max_headers=args.max_headers, header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout, send_timeout_s=args.send_timeout,
         idle_timeout_s=args.idle_timeout, shutdown_timeout_s=args.shutdown_timeout,
         drain_timeout_s=args.drain_timeout,
         max_response_bytes=args.max_response_bytes)
+    args.model = settings.model_name = resolve_model(args.model)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_server(lambda: load_target(args, **engine_kwargs), settings)
 
 
@@ -59,6 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow a non-loopback bind without a token")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="rows x longest row per engine call; also the per-request cap (413 above)")
+    p.add_argument("--merge-below-tokens", type=int, default=d.merge_below_tokens,
+                   help="a request joins a merged engine call only while it holds fewer padded "
+                        "tokens than this (default: half of --max-batch-tokens; 1 never merges, "
+                        "--max-batch-tokens merges up to the cap)")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help=f"request body cap in bytes (413 above; default {d.max_request_bytes >> 20} MiB)")
     p.add_argument("--exit-on-disconnect", action="store_true",

@@ -110,6 +110,7 @@ def run_server(loader: Callable[[], Any], settings: "ServerSettings") -> int:
     worker = EngineWorker(
         loader,
         max_batch_tokens=s.max_batch_tokens,
+        merge_below_tokens=s.merge_below_tokens,
         on_ready=on_ready,
         on_failed=on_failed,
         on_batch=metrics.observe_batch,

@@ -29,6 +29,11 @@ class ServerSettings:
     max_request_bytes: int = 64 << 20
     max_batch_tokens: int = 16384
     """Rows x longest row per engine call; also the per-request token cap."""
+    merge_below_tokens: int | None = None
+    """A request joins a merged engine call only while that call holds fewer padded
+    tokens than this; None: half of ``max_batch_tokens``. Merging small requests fills
+    the device; merging large ones makes their clients wait for one another (see
+    :class:`~.worker.EngineWorker`)."""
     exit_on_disconnect: bool = False
     """Shut down when a NeMo client POSTs /disconnect (NeMo's own server does)."""
     max_mappings: int = 64
@@ -65,6 +70,9 @@ class ServerSettings:
             raise ValueError(f"--port must be in 0..65535 (0 picks a free one), got {self.port!r}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.merge_below_tokens is not None and not 1 <= self.merge_below_tokens <= self.max_batch_tokens:
+            raise ValueError(f"--merge-below-tokens must be in 1..--max-batch-tokens ({self.max_batch_tokens}; "
+                             f"1 never merges), got {self.merge_below_tokens}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.max_header_bytes < 1024 or self.max_headers < 8:
