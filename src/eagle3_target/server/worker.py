@@ -358,7 +358,3 @@ class EngineWorker:
     def _free_memory() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def describe(self) -> dict[str, Any]:
-        return {"state": self.state, "queue_depth": self.queue_depth(),
-                "max_batch_tokens": self.max_batch_tokens, "merge_below_tokens": self.merge_below_tokens}
