@@ -15,6 +15,15 @@ those modes) on the same batches, median of ``--runs``. The server runs in its o
 process (started here unless ``--url`` is given); the in-process target is loaded in this
 process, so on one GPU both hold a copy of the weights.
 
+Two server rates per row: end to end (from the start to the last answer, over
+``--runs`` requests per client, so one request's fill and drain are in it) and steady
+(the least-squares slope of answers completed against time, all clients together: the
+pipelined rate a trainer sees over an epoch of thousands of requests, free of the one
+fill and drain; it wants a dozen ``--runs`` or more). The in-process baseline is a
+median per call, a steady rate by construction. Beside them, the server's engine time
+from its ``/metrics``: the share of the wall time it ran (``engine busy``) and its time
+per request against the in-process call's.
+
 Prints a Markdown table (and ``--json`` lines) ready for docs/benchmarks.md.
 """
 
@@ -73,11 +82,12 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
             args: argparse.Namespace, commands, results) -> None:
     """One trainer rank in its own process (as in training: no GIL shared with others).
 
-    Commands: ``("prepare", mode)`` builds the client and batches and warms up, then
+    Answers ``started`` once imported. Commands: ``("prepare", mode)`` builds the client and batches and warms up, then
     answers ``ready``; ``"go"`` times ``--runs`` batches and answers the result;
     ``None`` exits."""
     from eagle3_target.client import RemoteTarget
 
+    results.put(("started", c, None))  # imports done: it no longer loads the CPU
     clients: dict[str, Any] = {}
     while True:
         cmd = commands.get()
@@ -103,15 +113,13 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
                 raise RuntimeError("protocol error: expected go")
             before = rt.stats["bytes_received"]
             depth = cmd[2]
-            if depth:
-                for out in rt.prefetch(batches, depth=depth):
-                    del out
-            else:
-                for b in batches:
-                    out = call(*b)
-                    del out
-            _sync()
-            results.put(("done", c, rt.stats["bytes_received"] - before))
+            stream = rt.prefetch(batches, depth=depth) if depth else (call(*b) for b in batches)
+            done_at = []  # when each answer was complete on the client: the steady rate
+            for out in stream:
+                _sync()
+                done_at.append(time.perf_counter())
+                del out
+            results.put(("done", c, (rt.stats["bytes_received"] - before, done_at)))
         except BaseException as e:  # reported by the parent
             results.put(("error", c, f"{type(e).__name__}: {e}"))
     for rt in clients.values():
@@ -126,6 +134,7 @@ class ClientPool:
 
         ctx = mp.get_context("spawn")
         self.args = args
+        self.url, self.token = url, token
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(n)]
         self.procs = [ctx.Process(target=_client, args=(c, url, token,
@@ -134,6 +143,9 @@ class ClientPool:
                       for c in range(n)]
         for p in self.procs:
             p.start()
+        # Starting a client (a fresh interpreter importing torch) loads the CPU; on a
+        # small machine that would land in the first in-process measurement.
+        self._collect(n, "started")
 
     def _collect(self, n: int, kind: str) -> list[Any]:
         out = []
@@ -145,18 +157,68 @@ class ClientPool:
             out.append(value)
         return out
 
-    def run(self, mode: str, clients: int, prefetch: int) -> tuple[float, float]:
-        """(delivered tokens/s over ``clients`` concurrent clients, response bytes/token)."""
+    def run(self, mode: str, clients: int, prefetch: int) -> dict[str, float]:
+        """One measurement over ``clients`` concurrent clients.
+
+        ``tokens_per_s`` is end to end: from the go to the last answer, so it holds one
+        request's fill (the first engine call) and drain (the last answer's transport
+        and rebuild) that a trainer pays once per epoch. ``steady_tokens_per_s`` is the
+        pipelined rate without them: the least-squares slope of answers completed
+        against time (NaN with fewer than three answers). ``engine_busy`` is
+        the server's engine time (its ``eagle3_engine_seconds``) over the wall time,
+        ``engine_s_per_request`` that time per request: together they tell an engine
+        that idles from one that runs slower beside the transport."""
         for q in self.commands[:clients]:
             q.put(("prepare", mode, prefetch))
         self._collect(clients, "ready")
+        before = self.engine_seconds()
         t0 = time.perf_counter()
         for q in self.commands[:clients]:
             q.put("go")
-        received = self._collect(clients, "done")
+        done = self._collect(clients, "done")
         wall = time.perf_counter() - t0
-        tokens = clients * self.args.runs * self.args.batch * self.args.seq_len
-        return tokens / wall, sum(received) / tokens
+        after = self.engine_seconds()
+        per_request = self.args.batch * self.args.seq_len
+        tokens = clients * self.args.runs * per_request
+        # The least-squares slope of answers completed against time, all clients' answers
+        # together: the fill and the drain only shift the line, and answers that come in
+        # bursts (a merged call, prefetched requests) do not bias it as a first-to-last
+        # count would.
+        times = sorted(t for _, ts in done for t in ts)
+        steady = float("nan")
+        if len(times) > 2 and times[-1] > times[0]:
+            slope = statistics.linear_regression(times, range(1, len(times) + 1)).slope
+            steady = slope * per_request
+        out = {"tokens_per_s": tokens / wall, "steady_tokens_per_s": steady,
+               "bytes_per_token": sum(r for r, _ in done) / tokens}
+        if before is not None and after is not None:
+            busy, calls = after[0] - before[0], after[1] - before[1]
+            out["engine_busy"] = busy / wall
+            out["engine_s_per_request"] = busy / max(1, clients * self.args.runs)
+            out["engine_calls"] = calls
+        return out
+
+    def engine_seconds(self) -> tuple[float, float] | None:
+        """The server's (sum, count) of ``eagle3_engine_seconds`` from ``/metrics``;
+        None where the server does not answer them."""
+        import urllib.request
+
+        req = urllib.request.Request(self.url.rstrip("/") + "/metrics")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        got = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("eagle3_engine_seconds_sum", "eagle3_engine_seconds_count"):
+                got[name] = float(value)
+        if len(got) < 2:
+            return None
+        return got["eagle3_engine_seconds_sum"], got["eagle3_engine_seconds_count"]
 
     def close(self) -> None:
         for q in self.commands:
@@ -251,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         srv = ServerProcess(flags, token=token).start(timeout=1800)
         progress(f"server ready at {srv.url}")
         url = srv.url
-    served: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    served: dict[tuple[str, int, int], list[dict[str, float]]] = {}
     pool = None
     try:
         pool = ClientPool(max(clients), url, token, mapping, args)
@@ -262,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
                 for pf in args.prefetch:
                     for c in clients:
                         served.setdefault((m, c, pf), []).append(pool.run(m, c, pf))
+                        last = served[(m, c, pf)][-1]
                         progress(f"server {m}, {c} client(s), prefetch {pf}: "
-                                 f"{served[(m, c, pf)][-1][0]:,.0f} tokens/s")
+                                 f"{last['tokens_per_s']:,.0f} tokens/s, steady "
+                                 f"{last['steady_tokens_per_s']:,.0f}, engine busy "
+                                 f"{last.get('engine_busy', float('nan')):.2f}")
     finally:
         if pool is not None:
             pool.close()
@@ -273,11 +338,18 @@ def main(argv: list[str] | None = None) -> int:
             target.close()
     rows: list[dict[str, Any]] = []
     for (m, c, pf), runs in served.items():
-        tps = statistics.median(r[0] for r in runs)
         ref = statistics.median(base[m])
-        rows.append({"mode": m, "clients": c, "prefetch": pf, "server_tokens_per_s": tps,
-                     "inprocess_tokens_per_s": ref, "ratio": tps / ref,
-                     "bytes_per_token": runs[0][1], "repeats": len(runs)})
+        row: dict[str, Any] = {"mode": m, "clients": c, "prefetch": pf,
+                               "inprocess_tokens_per_s": ref, "repeats": len(runs),
+                               "bytes_per_token": runs[0]["bytes_per_token"]}
+        for key in ("tokens_per_s", "steady_tokens_per_s", "engine_busy",
+                    "engine_s_per_request"):
+            got = [r[key] for r in runs if key in r]
+            if got:
+                row[key if key.startswith("engine") else "server_" + key] = statistics.median(got)
+        row["ratio"] = row["server_tokens_per_s"] / ref
+        row["steady_ratio"] = row["server_steady_tokens_per_s"] / ref
+        rows.append(row)
 
     dev = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -287,14 +359,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.runs} runs per client, "
           f"median of {args.repeat} repeats")
     logits_bpt = {r["clients"]: r["bytes_per_token"] for r in rows if r["mode"] == "logits"}
-    print("| mode | clients | prefetch | server tokens/s | in-process tokens/s | ratio | bytes/token | "
-          "bytes vs logits |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    per_request = args.batch * args.seq_len
+    print("| mode | clients | prefetch | server tokens/s | steady tokens/s | in-process tokens/s "
+          "| ratio | steady ratio | engine busy | engine ms/request (in process) | bytes/token "
+          "| bytes vs logits |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         vs = (f"1/{logits_bpt[r['clients']] / r['bytes_per_token']:.1f}"
               if r["clients"] in logits_bpt and r["mode"] != "logits" else "1")
+        busy = f"{r['engine_busy']:.2f}" if "engine_busy" in r else "-"
+        ms = (f"{1000 * r['engine_s_per_request']:.0f} "
+              if "engine_s_per_request" in r else "- ")
+        ms += f"({1000 * per_request / r['inprocess_tokens_per_s']:.0f})"
         print(f"| {r['mode']} | {r['clients']} | {r['prefetch']} | {r['server_tokens_per_s']:,.0f} | "
-              f"{r['inprocess_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | "
+              f"{r['server_steady_tokens_per_s']:,.0f} | {r['inprocess_tokens_per_s']:,.0f} | "
+              f"{r['ratio']:.2f}x | {r['steady_ratio']:.2f}x | {busy} | {ms} | "
               f"{r['bytes_per_token']:,.0f} | {vs} |")
     if args.json:
         for r in rows:

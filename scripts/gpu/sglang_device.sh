@@ -119,7 +119,8 @@ for stage in "$@"; do
         --attention-backend flashinfer --out "$OUT/bench_sglang.json" ;;
     bench-server)
       # Server vs in-process on the 8B shape; triton attention (its JIT cache is carried).
-      # Every mode: SERVER_MODES=hidden,draft,topk,logits SERVER_RUNS=8. What never
+      # Every mode: SERVER_MODES=hidden,draft,topk,logits; SERVER_RUNS (12) requests per
+      # client, enough for the steady rate beside the end-to-end one. What never
       # merging costs (dump --server's batch=alone): SERVER_BATCH=shared,alone runs the
       # policies one after the other, SERVER_ROUNDS (1) times, one file each; rows per
       # request: SERVER_REQ_BATCH (4).
@@ -201,10 +202,13 @@ for stage in "$@"; do
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench-transport)
       # One 268 MB answer over loopback: the old and new send and read paths, under
-      # uvicorn's httptools as shipped and under the guarded protocol serve runs.
-      step 300 python3 "$REPO/bench/bench_transport.py" | tee "$OUT/bench_transport.txt"
-      step 300 python3 "$REPO/bench/bench_transport.py" --http guarded \
-        | tee "$OUT/bench_transport_guarded.txt" ;;
+      # uvicorn's httptools as shipped and under the guarded protocol serve runs, the two
+      # in turn TRANSPORT_ROUNDS (1) times, one file each.
+      for round in $(seq ${TRANSPORT_ROUNDS:-1}); do
+        step 300 python3 "$REPO/bench/bench_transport.py" | tee "$OUT/bench_transport_$round.txt"
+        step 300 python3 "$REPO/bench/bench_transport.py" --http guarded \
+          | tee "$OUT/bench_transport_guarded_$round.txt"
+      done ;;
     diag-io)
       # The I/O ceilings of this host: disk, sha256, memcpy, device-to-host, loopback HTTP.
       step 300 python3 "$S/diag_io.py" --dir /tmp --mb 4096 --http-mb 256 | tee "$OUT/diag_io.txt" ;;
