@@ -288,3 +288,36 @@ def test_each_mode_answers_exactly_the_tensors_its_table_row_lists(mode):
     out = torch.randn(b, s, h if spec.forward == "hidden" else v)
     res = postprocess(job, out, torch.randn(b, s, 3 * h))
     assert tuple(res) == spec.outputs
+
+
+@pytest.fixture(scope="module")
+def bf16_target(tiny_path):
+    from eagle3_target import Eagle3TargetModel
+
+    t = Eagle3TargetModel.from_pretrained(tiny_path, engine="hf", device="cpu", dtype="bfloat16")
+    yield t
+    t.close()
+
+
+@pytest.mark.parametrize("mode", ["logits", "hidden", "draft", "topk", "nemo"])
+def test_the_answer_budget_counts_what_the_answer_holds(bf16_target, mode):
+    """The byte budget takes each answer's true size once the engine's float size is
+    known (a bf16 answer counted at fp32 would take twice its room), and errs high
+    before."""
+    from eagle3_target.server.state import answer_bytes
+
+    mapping = VocabMapping.from_ids(torch.arange(0, 2048, 5), 2048)
+    kw = {"k": 4} if mode == "topk" else {"mapping": mapping} if mode in ("draft", "nemo") else {}
+    job = _job(mode, 30, 3, 11, **kw)
+    w = EngineWorker(lambda: bf16_target, max_batch_tokens=4096)
+    w.target = bf16_target
+    assert w.float_bytes(job.kind) is None
+    before = answer_bytes(mode, job.input_ids, bf16_target, **kw)
+    job.future.set_running_or_notify_cancel()
+    w._run([job])
+    got = job.future.result(timeout=0)
+    job.wait_host()
+    held = sum(v.numel() * v.element_size() for v in got.values())
+    assert w.float_bytes(job.kind) == 2
+    assert answer_bytes(mode, job.input_ids, bf16_target, float_bytes=w.float_bytes(job.kind), **kw) == held
+    assert before >= held

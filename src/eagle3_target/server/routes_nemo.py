@@ -107,8 +107,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         if mapping is None:
             raise ApiError(409, "no_vocab_mapping", "POST /set_vocab_mapping before /generate")
         job = Job(mode=NEMO_GENERATE.name, input_ids=ids, attention_mask=mask, loss_mask=loss, mapping=mapping)
-        held = await state.budget.acquire(answer_bytes(NEMO_GENERATE.name, ids, target,
-                                                       mapping=mapping))
+        held = await state.budget.acquire(answer_bytes(NEMO_GENERATE.name, ids, target, mapping=mapping,
+                                                       float_bytes=state.worker.float_bytes(job.kind)))
         try:
             res = await state.run(job)
             # NeMo's in-process path shifts the tensors it was given, keeping their dtype.

@@ -178,8 +178,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         job = Job(mode=params.mode, input_ids=ids, attention_mask=mask, loss_mask=loss,
                   mapping=mapping, out_dtype=OUTPUT_DTYPES[params.dtype], k=params.k,
                   alone=params.batch == "alone")
-        held = await state.budget.acquire(answer_bytes(params.mode, ids, target, dtype=params.dtype,
-                                                       k=params.k, mapping=mapping))
+        held = await state.budget.acquire(answer_bytes(
+            params.mode, ids, target, dtype=params.dtype, k=params.k, mapping=mapping,
+            float_bytes=state.worker.float_bytes(job.kind)))
         try:
             res = await state.run(job)
             meta = {"protocol": str(PROTOCOL_VERSION), "mode": params.mode,

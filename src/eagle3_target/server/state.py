@@ -72,14 +72,17 @@ class ByteBudget:
 
 
 def answer_bytes(mode: str, ids: torch.Tensor, target: Any, *, dtype: str = "auto",
-                 k: int | None = None, mapping: VocabMapping | None = None) -> int:
-    """What a ``[B,S]`` request's answer holds, in bytes (floats under ``auto`` counted
-    at 4 bytes: the budget errs towards holding more)."""
+                 k: int | None = None, mapping: VocabMapping | None = None,
+                 float_bytes: int | None = None) -> int:
+    """What a ``[B,S]`` request's answer holds, in bytes. Floats under ``auto`` keep the
+    engine's dtype: they are counted at ``float_bytes`` (the worker's
+    :meth:`~.worker.EngineWorker.float_bytes`), at 4 bytes while it is unknown (the
+    budget errs towards holding more)."""
     b, s = ids.shape
     nemo = mode == NEMO_GENERATE.name
     spec = response_spec("draft" if nemo else mode, rows=b, seq=s, info=model_info(target),
                          dtype=dtype, k=k, draft_vocab=mapping.draft_vocab_size if mapping else None)
-    total = sum(math.prod(shape) * (dt.itemsize if dt is not None else 4)
+    total = sum(math.prod(shape) * (dt.itemsize if dt is not None else float_bytes or 4)
                 for shape, dt in spec.values())
     return total + (16 * b * s if nemo else 0)  # NeMo's shifted input_ids and loss_mask
 

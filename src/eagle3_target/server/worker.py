@@ -151,6 +151,7 @@ class EngineWorker:
         self._stopping = False
         self._started = False
         self._copy_streams: dict[torch.device, Any] = {}
+        self._float_bytes: dict[str, int] = {}
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: BaseException | None = None
         self.target: Eagle3TargetModel | None = None
@@ -172,6 +173,14 @@ class EngineWorker:
     @property
     def supports_hidden(self) -> bool:
         return self.target is not None and isinstance(self.target.runner, HiddenRunner)
+
+    def float_bytes(self, kind: str) -> int | None:
+        """Bytes per element of the floating outputs of a ``kind`` forward (``logits``
+        or ``hidden``), learnt from the first one that ran; None before. The answers'
+        byte budget counts ``dtype=auto`` floats at this size: counted at 4 bytes, a
+        bf16 ``logits`` answer at the 8B shape takes twice its room and two no longer
+        fit the default budget together."""
+        return self._float_bytes.get(kind)
 
     def queue_depth(self) -> int:
         with self._cv:
@@ -288,6 +297,10 @@ class EngineWorker:
             out = aux = None
             self._recover(batch, e)
             return
+        if kind not in self._float_bytes:
+            sizes = [t.element_size() for t in (out, aux) if t.dtype.is_floating_point]
+            if sizes:
+                self._float_bytes[kind] = max(sizes)
         for job, (r0, r1) in zip(batch, spans):
             job.batch_requests = len(batch)
             try:
