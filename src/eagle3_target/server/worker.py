@@ -117,8 +117,8 @@ class EngineWorker:
     call is that large. Merged answers come back together, so the clients that sent them
     wait for each other and then send their next requests together while the device
     idles: on an H200 with the Llama-3.1-8B shape, two clients of 4 x 2048-token hidden
-    requests kept 0.85-0.90x of in process when their requests merged (budget 16,384)
-    and 0.89-0.93x when none did, in three rounds (docs/benchmarks.md). Small
+    requests (8 each) kept 0.85-0.90x of in process when their requests merged (budget
+    16,384) and 0.89-0.93x when none did, in three rounds (docs/benchmarks.md). Small
     requests still merge, where one call of its own would leave the device half empty.
     """
 
