@@ -123,13 +123,15 @@ for stage in "$@"; do
       # client, enough for the steady rate beside the end-to-end one. What never
       # merging costs (dump --server's batch=alone): SERVER_BATCH=shared,alone runs the
       # policies one after the other, SERVER_ROUNDS (1) times, one file each; rows per
-      # request: SERVER_REQ_BATCH (4).
+      # request: SERVER_REQ_BATCH (4); SERVER_CLIENTS (1,2), SERVER_PREFETCH (0,2) and
+      # SERVER_REPEAT (2) narrow a run.
       [ -f /tmp/llama8b/config.json ] || step 180 python3 "$S/make_target.py" llama3-8b /tmp/llama8b
       for round in $(seq ${SERVER_ROUNDS:-1}); do
         for policy in $(echo "${SERVER_BATCH:-shared}" | tr , " "); do
           step 560 python3 "$REPO/bench/bench_server.py" --model /tmp/llama8b --engine sglang \
-            --device cuda --dtype bfloat16 --batch ${SERVER_REQ_BATCH:-4} --seq-len 2048 --clients 1,2 \
-            --runs ${SERVER_RUNS:-12} --repeat 2 --modes ${SERVER_MODES:-hidden} --prefetch 0,2 \
+            --device cuda --dtype bfloat16 --batch ${SERVER_REQ_BATCH:-4} --seq-len 2048 \
+            --clients ${SERVER_CLIENTS:-1,2} --runs ${SERVER_RUNS:-12} --repeat ${SERVER_REPEAT:-2} \
+            --modes ${SERVER_MODES:-hidden} --prefetch ${SERVER_PREFETCH:-0,2} \
             --engine-arg attention_backend=triton --batch-policy $policy \
             | tee "$OUT/bench_server_${policy}_$round.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
         done

@@ -321,3 +321,13 @@ def test_the_answer_budget_counts_what_the_answer_holds(bf16_target, mode):
     assert w.float_bytes(job.kind) == 2
     assert answer_bytes(mode, job.input_ids, bf16_target, float_bytes=w.float_bytes(job.kind), **kw) == held
     assert before >= held
+
+
+def test_the_answer_budget_defaults_to_an_eighth_of_the_memory():
+    from eagle3_target.server.settings import ServerSettings, default_response_bytes, memory_limit
+
+    assert default_response_bytes(128 << 30) == 16 << 30  # a GPU host: six 2.3 GB logits answers
+    assert default_response_bytes(24 << 30) == 4 << 30  # never below 4 GiB
+    assert default_response_bytes(0) == 4 << 30
+    assert ServerSettings().max_response_bytes == default_response_bytes(memory_limit())
+    assert ServerSettings(max_response_bytes=1 << 20).max_response_bytes == 1 << 20

@@ -93,5 +93,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"cancelled (default {d.drain_timeout_s:g})")
     g.add_argument("--max-response-bytes", type=int, default=d.max_response_bytes,
                    help="result bytes held for unsent answers over all clients; requests wait "
-                        f"for room (default {d.max_response_bytes >> 30} GiB)")
+                        f"for room (default: an eighth of this host's memory, at least 4 GiB; here "
+                        f"{d.max_response_bytes / (1 << 30):.1f} GiB)")
     p.set_defaults(func=_cmd_serve)
