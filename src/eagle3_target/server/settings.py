@@ -41,8 +41,8 @@ def default_response_bytes(memory: int | None = None) -> int:
     :func:`memory_limit`), at least 4 GiB. On a 128 GiB GPU host that is 16 GiB: room for
     six ``logits`` answers of 4 x 2048 tokens at the Llama-3.1-8B shape (2.3 GB each in
     bf16), where a fixed 4 GiB held one at a time, so no forward ran while an answer was
-    being sent and a second client gained nothing (0.24x in process with one or two on
-    the H200, against 0.31x before the bound)."""
+    being sent: two clients kept 0.24x of in process on the H200 under 4 GiB and 0.32x
+    under 16 GiB (docs/benchmarks.md)."""
     memory = memory_limit() if memory is None else memory
     return max(4 << 30, (memory or 0) // 8)
 
