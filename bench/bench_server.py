@@ -82,9 +82,10 @@ def _client(c: int, url: str, token: str | None, mapping_ids: list[int],
             args: argparse.Namespace, commands, results) -> None:
     """One trainer rank in its own process (as in training: no GIL shared with others).
 
-    Answers ``started`` once imported. Commands: ``("prepare", mode)`` builds the client and batches and warms up, then
-    answers ``ready``; ``"go"`` times ``--runs`` batches and answers the result;
-    ``None`` exits."""
+    Answers ``started`` once imported. Commands: ``("prepare", mode)`` builds the
+    client and batches and warms up, then answers ``ready``; ``"go"`` times ``--runs``
+    batches and answers the bytes received and when each answer was complete; ``None``
+    exits."""
     from eagle3_target.client import RemoteTarget
 
     results.put(("started", c, None))  # imports done: it no longer loads the CPU
