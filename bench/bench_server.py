@@ -193,16 +193,16 @@ class ClientPool:
         out = {"tokens_per_s": tokens / wall, "steady_tokens_per_s": steady,
                "bytes_per_token": sum(r for r, _ in done) / tokens}
         if before is not None and after is not None:
-            busy, calls = after[0] - before[0], after[1] - before[1]
-            out["engine_busy"] = busy / wall
-            out["engine_s_per_request"] = busy / max(1, clients * self.args.runs)
-            out["engine_calls"] = calls
+            out["engine_busy"] = (after - before) / wall
+            out["engine_s_per_request"] = (after - before) / max(1, clients * self.args.runs)
         return out
 
-    def engine_seconds(self) -> tuple[float, float] | None:
-        """The server's (sum, count) of ``eagle3_engine_seconds`` from ``/metrics``;
-        None where the server does not answer them."""
+    def engine_seconds(self) -> float | None:
+        """The server's total ``eagle3_engine_seconds`` from ``/metrics``; None where the
+        server does not answer it."""
         import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
 
         req = urllib.request.Request(self.url.rstrip("/") + "/metrics")
         if self.token:
@@ -212,14 +212,11 @@ class ClientPool:
                 text = r.read().decode()
         except OSError:
             return None
-        got = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in ("eagle3_engine_seconds_sum", "eagle3_engine_seconds_count"):
-                got[name] = float(value)
-        if len(got) < 2:
-            return None
-        return got["eagle3_engine_seconds_sum"], got["eagle3_engine_seconds_count"]
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "eagle3_engine_seconds_sum":
+                    return sample.value
+        return None
 
     def close(self) -> None:
         for q in self.commands:
