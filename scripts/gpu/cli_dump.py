@@ -4,7 +4,10 @@ figures for the process and, with ``CLI_BREAKDOWN=1``, where the dump's main thr
 spent its time (the dump's ``StageClock``) and a timeline of the engine calls: what a
 plain CLI run cannot show. With ``CLI_STACKS=PATH`` as well, every thread's stack goes to
 ``PATH.<pid>`` each 2 s over the first 20 forwards (how a kernel build inside the first
-forward shows up)."""
+forward shows up). With ``CLI_PREWARM=SIZE:COUNT,...`` (sizes like ``512M``, ``1G``), a
+thread pins COUNT blocks of each SIZE while the engine loads and frees them into torch's
+pinned cache, so the dump's first batches find their blocks cached (an experiment: does
+growing the pool beside the first forwards cost the engine time?)."""
 import faulthandler
 import os
 import sys
@@ -35,6 +38,30 @@ if os.environ.get("CLI_BREAKDOWN") == "1":
     clock = StageClock(sync=torch.cuda.synchronize if torch.cuda.is_available() else None,
                        listener=on_stage)
 
+
+
+def prewarm(spec: str) -> None:
+    from eagle3_target.dump.host import threaded_pinning
+
+    t0 = time.perf_counter()
+    threaded_pinning(8)
+    blocks, total = [], 0
+    for part in spec.split(","):
+        size, count = part.split(":")
+        n = int(float(size[:-1]) * {"M": 2**20, "G": 2**30}[size[-1]])
+        for _ in range(int(count)):
+            blocks.append(torch.empty(n, dtype=torch.uint8, pin_memory=True))
+            total += n
+    del blocks
+    print(f"prewarm: pinned and cached {total / 2**30:.1f} GiB in {time.perf_counter() - t0:.2f} s", flush=True)
+
+
+warm_thread = None
+if os.environ.get("CLI_PREWARM") and torch.cuda.is_available():
+    import threading
+
+    warm_thread = threading.Thread(target=prewarm, args=(os.environ["CLI_PREWARM"],), daemon=True)
+    warm_thread.start()
 args = build_parser().parse_args(sys.argv[1:])  # "dump --model ..." as on the command line
 if stack_file is not None:
     faulthandler.dump_traceback_later(2, repeat=True, file=stack_file)

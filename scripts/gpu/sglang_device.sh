@@ -161,11 +161,18 @@ for stage in "$@"; do
       # CLI_BREAKDOWN=1 and CLI_STACKS=$OUT/stacks: see scripts/gpu/cli_dump.py.
       chat_target_8b
       for i in $(seq ${CLI_COPIES:-4}); do cat "$REPO/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-cli.jsonl
-      rm -rf /tmp/cli-dump
-      step 300 python3 "$S/cli_dump.py" dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
-        --data /tmp/chats-cli.jsonl --out /tmp/cli-dump --batch-tokens 16384 \
-        --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
-        | tee "$OUT/cli_dump.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      # CLI_VARIANTS (base) and CLI_ROUNDS (1): "prewarm" sets CLI_PREWARM=$CLI_PREWARM_SPEC
+      # (see cli_dump.py); the variants alternate within each round, one file each.
+      for round in $(seq ${CLI_ROUNDS:-1}); do
+        for variant in $(echo "${CLI_VARIANTS:-base}" | tr , " "); do
+          warm=""; [ "$variant" = prewarm ] && warm=${CLI_PREWARM_SPEC:?prewarm needs CLI_PREWARM_SPEC}
+          rm -rf /tmp/cli-dump
+          CLI_PREWARM=$warm step 300 python3 "$S/cli_dump.py" dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
+            --data /tmp/chats-cli.jsonl --out /tmp/cli-dump --batch-tokens 16384 \
+            --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
+            | tee "$OUT/cli_dump_${variant}_$round.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+        done
+      done
       rm -rf /tmp/cli-dump ;;
     diag-dump)
       # Where the dump loses engine throughput: the engine alone, then with the host
