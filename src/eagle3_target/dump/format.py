@@ -140,13 +140,19 @@ def manifest_paths(path: str | Path) -> list[Path]:
     return sorted(p for p in d.glob("manifest*.json") if p.is_file())
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path, fmt: str = FORMAT,
+                  hint: str = "a regeneration folder? use a new --out folder") -> dict[str, Any]:
+    """The JSON manifest at ``path`` whose ``format`` is ``fmt`` (a dump's by default;
+    a regeneration's manifest is read here too); ValueError naming the file when it is
+    unreadable or of another format, with ``hint`` saying what to do."""
     try:
         m = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an {FORMAT} manifest")
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        found = m.get("format") if isinstance(m, dict) else None
+        what = f"an {found} manifest" if isinstance(found, str) else "no manifest format"
+        raise ValueError(f"{path}: not an {fmt} manifest ({what}; {hint})")
     return m
 
 

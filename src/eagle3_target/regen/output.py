@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from eagle3_target.dump import format as dump_format
 from eagle3_target.dump.format import json_bytes, sha256_file, write_atomic
 
 __all__ = ["FORMAT", "drop_nulls", "shard_bytes", "write_shard", "read_shard", "check_shard", "read_manifest",
@@ -106,13 +107,7 @@ def check_shard(path: Path, entry: dict[str, Any]) -> str | None:
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """A regeneration manifest; ValueError naming the file when it is not one."""
-    try:
-        m = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an {FORMAT} manifest (a dump folder? use a new --out folder)")
-    return m
+    return dump_format.read_manifest(path, FORMAT, hint="a dump folder? use a new --out folder")
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
