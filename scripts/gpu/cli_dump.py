@@ -7,7 +7,9 @@ plain CLI run cannot show. With ``CLI_STACKS=PATH`` as well, every thread's stac
 forward shows up). With ``CLI_PREWARM=SIZE:COUNT,...`` (sizes like ``512M``, ``1G``), a
 thread pins COUNT blocks of each SIZE while the engine loads and frees them into torch's
 pinned cache, so the dump's first batches find their blocks cached (an experiment: does
-growing the pool beside the first forwards cost the engine time?)."""
+growing the pool beside the first forwards cost the engine time?). With ``CLI_WARMUP=1``
+one hidden-mode forward of 8 x 2048 zeros runs right after the engine loads (timed
+apart): is the first call's extra time a fresh process's one-time cost?"""
 import faulthandler
 import os
 import sys
@@ -25,7 +27,12 @@ stacks = os.environ.get("CLI_STACKS")
 stack_file = open(f"{stacks}.{os.getpid()}", "w") if stacks else None
 
 
+copy_waits: list[tuple[int, float]] = []  # (engine calls so far, seconds) of each host-copy wait
+
+
 def on_stage(name: str, start: float, seconds: float) -> None:
+    if name == "wait for host copy":
+        copy_waits.append((len(calls), seconds))
     if name != "engine":
         return
     calls.append((start, seconds))
@@ -62,6 +69,23 @@ if os.environ.get("CLI_PREWARM") and torch.cuda.is_available():
 
     warm_thread = threading.Thread(target=prewarm, args=(os.environ["CLI_PREWARM"],), daemon=True)
     warm_thread.start()
+if os.environ.get("CLI_WARMUP") == "1":
+    from eagle3_target.dump import job as dump_job
+    from eagle3_target.dump.modes import MODES
+
+    _load = dump_job._load_source
+
+    def load_and_warm(cfg):
+        source = _load(cfg)
+        ids = torch.zeros((8, 2048), dtype=torch.int64)
+        t0 = time.perf_counter()
+        MODES["hidden"].compute(source, ids, torch.ones_like(ids), torch.ones_like(ids), [2048] * 8, None)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        print(f"warm-up forward after the load: {time.perf_counter() - t0:.2f} s", flush=True)
+        return source
+
+    dump_job._load_source = load_and_warm
 args = build_parser().parse_args(sys.argv[1:])  # "dump --model ..." as on the command line
 if stack_file is not None:
     faulthandler.dump_traceback_later(2, repeat=True, file=stack_file)
@@ -79,6 +103,9 @@ if clock is not None and calls:
           + clock.report(t_end - first))
     n = len(calls)
     step = max(1, n // 10)
+    waits = sorted(copy_waits, key=lambda w: -w[1])[:8]
+    print(f"host-copy waits: {sum(w for _, w in copy_waits):.2f} s in {len(copy_waits)}; the longest "
+          "(after engine call N: s): " + " ".join(f"{n}:{w:.3f}" for n, w in waits))
     print("first 20 calls (s): " + " ".join(f"{c[1]:.2f}" for c in calls[:20]))
     print(f"engine calls ({n}): [from s, to s] engine s, wall s")
     for i in range(0, n, step):
