@@ -88,20 +88,22 @@ def empty_host_cache() -> None:
     torch.cuda.reset_accumulated_host_memory_stats()
 
 
-VARIANTS = "base, switch-<ms>ms, pin-<n>, render-thread, render-process, child-ready, or several joined with +"
+VARIANTS = ("base, switch-<ms>ms, pin-<n>, prefetch-<n>, render-thread, render-process, child-ready, "
+            "or several joined with +")
 
 
 @dataclass
 class Variant:
     """A pipeline setting the bench compares (``--variants``); ``base`` is the shipped
-    default. Each is a public setting: the GIL's switch interval, ``DumpConfig.pin_threads``
-    and ``DumpConfig.render``, or ``child_ready`` (a render process started and ready
+    default. Each is a public setting: the GIL's switch interval, ``DumpConfig.pin_threads``,
+    ``DumpConfig.prefetch`` and ``DumpConfig.render``, or ``child_ready`` (a render process started and ready
     before the clock starts, as the CLI's is by the time its engine has loaded, passed
     to ``run_dump(render=...)``)."""
 
     name: str
     switch_s: float = 0.005
     pin_threads: int | None = None
+    prefetch: int | None = None
     render: str = "auto"
     child_ready: bool = False
 
@@ -117,6 +119,8 @@ class Variant:
                 v.render = part[len("render-"):]
             elif part.startswith("pin-"):
                 v.pin_threads = int(part[len("pin-"):])
+            elif part.startswith("prefetch-"):
+                v.prefetch = int(part[len("prefetch-"):])
             elif part != "base":
                 raise SystemExit(f"unknown variant {part!r}: use {VARIANTS}")
         return v
@@ -194,7 +198,7 @@ def main() -> None:
     p.add_argument("--draft-vocab-size", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--writer-threads", type=int, default=None, help="default: the dump's (half the cores, 2-8)")
-    p.add_argument("--prefetch", type=int, default=0)
+    p.add_argument("--prefetch", type=int, default=None, help="as the CLI's --prefetch (default: its default)")
     p.add_argument("--pin-threads", type=int, default=default("pin_threads"), help="DumpConfig.pin_threads")
     p.add_argument("--variants", default="base", help=f"comma-separated pipeline settings: {VARIANTS}")
     p.add_argument("--check", action="store_true",
@@ -252,7 +256,8 @@ def main() -> None:
                                  aux_layer_ids=parse_aux_layers(args.aux_layers),
                                  vocab=str(vocab_path) if mode == "draft" else None,
                                  batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
-                                 writer_threads=args.writer_threads, prefetch=args.prefetch, progress=False,
+                                 writer_threads=args.writer_threads, prefetch=(variant.prefetch if variant.prefetch
+                                           is not None else args.prefetch), progress=False,
                                  pin_threads=(variant.pin_threads if variant.pin_threads
                                               is not None else args.pin_threads),
                                  render=variant.render)

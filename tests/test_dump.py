@@ -347,15 +347,96 @@ def test_a_remote_like_source_gives_the_same_dataset(tmp_path, tiny_target, tok,
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
 
 
-def test_prefetch_one_runs_the_in_process_target_on_a_worker_thread(tmp_path, tiny_target, tok, data_file):
-    """One batch computed ahead (one forward at a time, on a worker thread): same bytes."""
-    dump(tmp_path / "a", tiny_target, tok, [data_file], mode="logits", batch_tokens=1500, shard_size_mb=0.3)
-    dump(tmp_path / "b", tiny_target, tok, [data_file], mode="logits", batch_tokens=1500, shard_size_mb=0.3,
-         prefetch=1)
+class Watched:
+    """The in-process target, recording the thread of each forward and how many ran at
+    once; ``fail_at`` makes that call (1-based) raise as an engine out of memory would."""
+
+    def __init__(self, target, fail_at: int | None = None):
+        import threading
+
+        self._t, self.fail_at = target, fail_at
+        self.aux_layer_ids = target.aux_layer_ids
+        self.vocab_size = target.vocab_size
+        self.threads: list[str] = []
+        self.running = self.most_at_once = 0
+        self._count = threading.Lock()
+
+    def generate_batch(self, input_ids, attention_mask, loss_mask):
+        import threading
+        import time
+
+        with self._count:
+            self.threads.append(threading.current_thread().name)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            calls = len(self.threads)
+        try:
+            time.sleep(0.02)  # long enough for a second forward to overlap, if one could
+            if calls == self.fail_at:
+                raise RuntimeError("CUDA out of memory (as raised by the engine in this test)")
+            return self._t.generate_batch(input_ids, attention_mask, loss_mask)
+        finally:
+            with self._count:
+                self.running -= 1
+
+    def close(self):
+        pass
+
+
+def dump_threads(before: frozenset = frozenset()) -> list[str]:
+    """The eagle3 threads alive now that were not alive in ``before`` (another test's
+    long-lived threads, a client's deadline timer say, are no concern of the dump)."""
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("eagle3-") and t not in before]
+
+
+def alive() -> frozenset:
+    import threading
+
+    return frozenset(threading.enumerate())
+
+
+def test_the_forwards_run_on_an_engine_thread_one_at_a_time(tmp_path, tiny_target, tok, data_file):
+    """By default the target's forwards run back to back on a thread of their own (the
+    main thread waits for host copies and cuts shards meanwhile), never two at once,
+    and give the bytes of forwards run on the main thread (``--prefetch 0``)."""
+    kw = dict(mode="logits", batch_tokens=1500, shard_size_mb=0.3)
+    dump(tmp_path / "a", tiny_target, tok, [data_file], prefetch=0, **kw)
+    watched = Watched(tiny_target)
+    before = alive()
+    s = dump(tmp_path / "b", watched, tok, [data_file], **kw)
+    assert s.complete and s.shards > 2 and len(watched.threads) > 3
+    assert set(watched.threads[1:]) == {"eagle3-engine"}  # the first call probes the dtype
+    assert watched.most_at_once == 1
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    assert dump_threads(before) == []  # every thread of the dump has ended
+    dump(tmp_path / "c", tiny_target, tok, [data_file], prefetch=1, **kw)  # an in-process target
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "c")
     with pytest.raises(ValueError, match="one forward at a time"):
-        dump(tmp_path / "c", tiny_target, tok, [data_file], prefetch=2)
-    assert not (tmp_path / "c").exists()
+        dump(tmp_path / "d", tiny_target, tok, [data_file], prefetch=2)
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_engine_error_on_the_engine_thread_stops_the_dump_and_a_rerun_finishes_it(
+        tmp_path, tiny_target, tok, data_file):
+    """The engine thread's error reaches the caller as raised, the shards finished before
+    it stay listed and intact, no thread is left running, and the same command again
+    continues to the bytes of a dump that never failed."""
+    kw = dict(mode="logits", batch_tokens=1500, shard_size_mb=0.3)
+    dump(tmp_path / "ref", tiny_target, tok, [data_file], **kw)
+    out = tmp_path / "d"
+    before = alive()
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        dump(out, Watched(tiny_target, fail_at=4), tok, [data_file], **kw)
+    assert dump_threads(before) == []
+    kept = read_manifest(out / "manifest.json")["shards"]
+    assert 0 < len(kept) < len(read_manifest(tmp_path / "ref" / "manifest.json")["shards"])
+    report = verify_dump(out)  # the kept shards check out; only the end is missing
+    assert report.problems == ["manifest.json: dump not finished (rerun the same dump command)"]
+    s = dump(out, tiny_target, tok, [data_file], **kw)
+    assert s.complete
+    assert files_of(out) == files_of(tmp_path / "ref")
 
 
 def test_pin_threads_are_checked_and_a_cpu_dump_leaves_torch_alone(tmp_path, tiny_target, tok, data_file,

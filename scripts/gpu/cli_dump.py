@@ -41,9 +41,9 @@ def on_stage(name: str, start: float, seconds: float) -> None:
 
 
 if os.environ.get("CLI_BREAKDOWN") == "1":
-    # Synchronised stages: the engine's own time, not its launch (for diagnosis only).
-    clock = StageClock(sync=torch.cuda.synchronize if torch.cuda.is_available() else None,
-                       listener=on_stage)
+    # No sync of its own: the SGLang engine's call ends in one, and a device sync on the
+    # main thread would wait for the engine thread's next forward.
+    clock = StageClock(listener=on_stage)
 
 
 

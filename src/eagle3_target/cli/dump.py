@@ -110,7 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pin-threads", type=int, default=default("pin_threads"),
                    help="on a GPU, threads that pin the host copy pool (0: torch's default cudaHostAlloc)")
     p.add_argument("--prefetch", type=int, default=default("prefetch"),
-                   help="batches computed ahead on worker threads (default: 2 with --server, else 0)")
+                   help="batches computed ahead: requests in flight with --server (default 2); else 1, "
+                        "the target's forwards on an engine thread of their own, or 0, on the main thread")
     p.add_argument("--render", default=default("render"), choices=RENDER_CHOICES,
                    help="where the chat template runs: a thread, a child process that takes over once "
                         "loaded (keeps the GIL free for a GPU engine), or auto (process on a GPU)")

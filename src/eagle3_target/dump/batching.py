@@ -59,11 +59,13 @@ class Rows:
         return rows
 
 
-def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Yields ``items`` in order while a background thread computes up to ``depth`` more.
+def read_ahead(items: Iterator[Any], depth: int, name: str = "eagle3-read-ahead") -> Iterator[Any]:
+    """Yields ``items`` in order while a background thread (``name``) computes up to
+    ``depth`` more.
 
     The producer's exception is re-raised here; a consumer that stops early (closing
-    this generator) stops the producer too, so no thread is left behind."""
+    this generator) stops the producer too, and the producer closes ``items`` on its
+    own thread (so a chain of these winds down in order): no thread is left behind."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -82,8 +84,12 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
             q.put((done, None))
         except BaseException as e:  # handed to the consumer
             q.put((done, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    t = threading.Thread(target=produce, name="eagle3-read-ahead", daemon=True)
+    t = threading.Thread(target=produce, name=name, daemon=True)
     t.start()
     try:
         while True:

@@ -106,7 +106,7 @@ class DumpConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.prefetch is None:
-            self.prefetch = 2 if self.server else 0
+            self.prefetch = 2 if self.server else 1
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"prefetch must be a non-negative integer, got {self.prefetch!r}")
         if isinstance(self.max_row_mb, bool) or not isinstance(self.max_row_mb, (int, float)) \

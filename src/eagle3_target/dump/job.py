@@ -336,11 +336,13 @@ def _run_locked(cfg: DumpConfig, source: TargetSource, encoder: ChatEncoder, map
             progress = Progress(owned, done, cfg.progress)
             progress.say(f"{f'resuming after {next_index} shards at' if last else 'starting at'} "
                          f"row {start:,}: {owned - done:,} of {owned:,} rows left")
+            shards = d.produce(start, first, next_index, progress, child=child)
             try:
-                for job in d.produce(start, first, next_index, progress, child=child):
+                for job in shards:
                     put(job)
                     written += 1
             finally:
+                shards.close()  # its threads end now, not when a traceback lets go of it
                 progress.close()
         with clock.stage("drain writers"):
             d.writer.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -200,9 +201,10 @@ class Progress:
 
 
 class StageClock:
-    """Where a dump's main thread spends its time, by stage: ``engine`` (the mode's
-    computation), ``gather on device``, ``wait for host copy``, ``wait for a writer``,
-    ``drain writers``, ``wait for LM head``. The seam a benchmark times a dump through:
+    """Where a dump's threads spend their time, by stage: ``engine`` (the mode's
+    computation) and ``gather on device`` on the engine thread (the main thread with
+    ``--prefetch 0``), ``wait for host copy``, ``wait for a writer``, ``drain writers``,
+    ``wait for LM head`` on the main thread. The seam a benchmark times a dump through:
     ``run_dump(cfg, clock=StageClock())``, then :attr:`totals` (seconds by stage).
 
     ``sync`` (``torch.cuda.synchronize``, say) runs at the end of every stage, so a GPU
@@ -213,6 +215,7 @@ class StageClock:
     def __init__(self, *, sync: Callable[[], None] | None = None,
                  listener: Callable[[str, float, float], None] | None = None):
         self.totals: dict[str, float] = {}
+        self.threads: dict[str, str] = {}  # stage -> the name of the thread it ran on
         self._sync, self._listener = sync, listener
 
     @contextlib.contextmanager
@@ -225,12 +228,23 @@ class StageClock:
                 self._sync()
             dt = time.perf_counter() - t0
             self.totals[name] = self.totals.get(name, 0.0) + dt
+            self.threads[name] = threading.current_thread().name
             if self._listener is not None:
                 self._listener(name, t0, dt)
 
     def report(self, total: float) -> str:
-        """``total`` seconds split by stage, the rest as ``other``; clears the totals."""
-        parts = [f"{k} {v:.2f} s" for k, v in self.totals.items()]
-        rest = total - sum(self.totals.values())
+        """``total`` seconds of the calling thread split by stage, the rest as
+        ``other``, then the other threads' stages; clears the totals."""
+        me = threading.current_thread().name
+        mine = {k: v for k, v in self.totals.items() if self.threads.get(k) == me}
+        parts = [f"{k} {v:.2f} s" for k, v in mine.items()]
+        text = f"{me} over {total:.2f} s: " + ", ".join(parts + [f"other {total - sum(mine.values()):.2f} s"])
+        by_thread: dict[str, list[str]] = {}
+        for k, v in self.totals.items():
+            if k not in mine:
+                by_thread.setdefault(self.threads.get(k, "?"), []).append(f"{k} {v:.2f} s")
+        for thread, stages in by_thread.items():
+            text += f"; {thread}: " + ", ".join(stages)
         self.totals.clear()
-        return f"main thread over {total:.2f} s: " + ", ".join(parts) + f", other {rest:.2f} s"
+        self.threads.clear()
+        return text
