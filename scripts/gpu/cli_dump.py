@@ -9,7 +9,8 @@ thread pins COUNT blocks of each SIZE while the engine loads and frees them into
 pinned cache, so the dump's first batches find their blocks cached (an experiment: does
 growing the pool beside the first forwards cost the engine time?). With ``CLI_WARMUP=1``
 one hidden-mode forward of 8 x 2048 zeros runs right after the engine loads (timed
-apart): is the first call's extra time a fresh process's one-time cost?"""
+apart; ``CLI_WARMUP=BxS`` for B rows of S tokens): is the first call's extra time a
+fresh process's one-time cost, and does a small forward pay it for less?"""
 import faulthandler
 import os
 import sys
@@ -69,20 +70,25 @@ if os.environ.get("CLI_PREWARM") and torch.cuda.is_available():
 
     warm_thread = threading.Thread(target=prewarm, args=(os.environ["CLI_PREWARM"],), daemon=True)
     warm_thread.start()
-if os.environ.get("CLI_WARMUP") == "1":
+warmup_s = 0.0
+if os.environ.get("CLI_WARMUP", "0") != "0":
     from eagle3_target.dump import job as dump_job
     from eagle3_target.dump.modes import MODES
 
     _load = dump_job._load_source
+    spec = os.environ["CLI_WARMUP"]  # "1": 8 x 2048; "BxS": B rows of S tokens
+    rows, seq = (8, 2048) if spec == "1" else (int(x) for x in spec.split("x"))
 
     def load_and_warm(cfg):
+        global warmup_s
         source = _load(cfg)
-        ids = torch.zeros((8, 2048), dtype=torch.int64)
+        ids = torch.zeros((rows, seq), dtype=torch.int64)
         t0 = time.perf_counter()
-        MODES["hidden"].compute(source, ids, torch.ones_like(ids), torch.ones_like(ids), [2048] * 8, None)
+        MODES["hidden"].compute(source, ids, torch.ones_like(ids), torch.ones_like(ids), [seq] * rows, None)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        print(f"warm-up forward after the load: {time.perf_counter() - t0:.2f} s", flush=True)
+        warmup_s = time.perf_counter() - t0
+        print(f"warm-up forward of {rows} x {seq} after the load: {warmup_s:.2f} s", flush=True)
         return source
 
     dump_job._load_source = load_and_warm
@@ -101,6 +107,8 @@ if clock is not None and calls:
     first = calls[0][0]
     print(f"first engine call {first - t_start:.2f} s after the start; from there to the end: {t_end - first:.2f} s; "
           + clock.report(t_end - first))
+    if warmup_s:
+        print(f"warm-up and dump together: {warmup_s + t_end - first:.2f} s")
     n = len(calls)
     step = max(1, n // 10)
     waits = sorted(copy_waits, key=lambda w: -w[1])[:8]

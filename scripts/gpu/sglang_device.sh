@@ -162,12 +162,13 @@ for stage in "$@"; do
       chat_target_8b
       for i in $(seq ${CLI_COPIES:-4}); do cat "$REPO/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-cli.jsonl
       # CLI_VARIANTS (base) and CLI_ROUNDS (1): "prewarm" sets CLI_PREWARM=$CLI_PREWARM_SPEC,
-      # "warmup" CLI_WARMUP=1 (see cli_dump.py), "p0" passes --prefetch 0 (the forwards on
+      # "warmup" CLI_WARMUP=1 and "warmup-small" CLI_WARMUP=$CLI_WARMUP_SMALL (1x16) (see
+      # cli_dump.py), "p0" passes --prefetch 0 (the forwards on
       # the main thread); the variants alternate within each round, one file each.
       for round in $(seq ${CLI_ROUNDS:-1}); do
         for variant in $(echo "${CLI_VARIANTS:-base}" | tr , " "); do
           warm=""; [ "$variant" = prewarm ] && warm=${CLI_PREWARM_SPEC:?prewarm needs CLI_PREWARM_SPEC}
-          up=0; [ "$variant" = warmup ] && up=1
+          up=0; [ "$variant" = warmup ] && up=1; [ "$variant" = warmup-small ] && up=${CLI_WARMUP_SMALL:-1x16}
           extra=""; [ "$variant" = p0 ] && extra="--prefetch 0"
           rm -rf /tmp/cli-dump
           CLI_PREWARM=$warm CLI_WARMUP=$up step 300 python3 "$S/cli_dump.py" dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
