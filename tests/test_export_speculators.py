@@ -160,6 +160,25 @@ def test_kill9_then_rerun_is_byte_identical(tmp_path, dump_dir, vocab_file, expo
     assert not list(out.rglob(".tmp-*"))
 
 
+def test_a_full_disk_says_which_file_and_what_to_do_and_keeps_no_temporary_file(tmp_path, dump_dir, vocab_file):
+    """The export's error is worded as the dump's: the file, why, the fix, what is kept."""
+    import resource
+
+    limit = 20_000  # bytes per file: the small files fit, a hidden-state file does not
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    code = "import sys; from eagle3_target.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "export", str(dump_dir), "--to", "speculators", "--out", str(out),
+                        "--vocab", str(vocab_file)], capture_output=True, text=True, preexec_fn=cap, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "File too large" in r.stderr and "free some space" in r.stderr, r.stderr
+    assert f"the finished files in {out} are kept; run the same command again" in r.stderr
+    assert not list(out.rglob(".tmp-*")), list(out.rglob("*"))
+
+
 def test_a_corrupted_file_is_caught_and_rewritten(tmp_path, dump_dir, vocab_file, exported, capsys):
     out = tmp_path / "out"
     export("speculators", str(dump_dir), str(out), vocab=str(vocab_file))

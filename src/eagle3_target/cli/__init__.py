@@ -22,7 +22,7 @@ import sys
 from importlib import import_module
 from typing import Sequence
 
-__all__ = ["main", "build_parser", "error_message", "SUBCOMMAND_MODULES", "USAGE", "FAILURE",
+__all__ = ["main", "build_parser", "error_message", "report_partial", "SUBCOMMAND_MODULES", "USAGE", "FAILURE",
            "INTERRUPTED", "DEBUG_ENV"]
 
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
@@ -110,6 +110,15 @@ def error_message(e: BaseException) -> tuple[str, int]:
         return str(e), FAILURE
     return (f"{type(e).__name__}: {e} (an unexpected error; {DEBUG_ENV}=1 shows where it was "
             f"raised)"), FAILURE
+
+
+def report_partial(command: str, e: BaseException, kept: str) -> int:
+    """A long job that failed part-way (a full disk, a lost server): prints one line,
+    the error as :func:`error_message` words it and what ``kept`` says was kept;
+    returns the exit code. dump, export and regenerate all end this way."""
+    msg, code = error_message(e)
+    print(f"eagle3-target {command}: error: {' '.join(msg.split())}; {kept}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

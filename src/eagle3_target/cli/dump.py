@@ -43,7 +43,7 @@ def _kept(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace, *, clock: StageClock | None = None) -> int:
     """What ``eagle3-target dump`` does with parsed ``args``; ``clock`` times the main
     thread's stages (``scripts/gpu/cli_dump.py``)."""
-    from eagle3_target.cli import error_message
+    from eagle3_target.cli import report_partial
     from eagle3_target.dump.job import run_dump
 
     cfg = config_from_args(args)
@@ -51,10 +51,7 @@ def run(args: argparse.Namespace, *, clock: StageClock | None = None) -> int:
     try:
         summary = run_dump(cfg, clock=clock)
     except (OSError, RuntimeError) as e:  # a full disk, a lost server: what is done stays done
-        msg, code = error_message(e)
-        kept = _kept(args) if cfg.manifest_path().exists() else "nothing was written"
-        print(f"eagle3-target dump: error: {' '.join(msg.split())}; {kept}", file=sys.stderr)
-        return code
+        return report_partial("dump", e, _kept(args) if cfg.manifest_path().exists() else "nothing was written")
     print("\n".join(summary.lines()))
     if summary.complete and summary.samples == 0:
         print(f"eagle3-target dump: error: the dump stores no sample: every row was skipped (the reasons "

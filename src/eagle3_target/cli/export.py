@@ -4,7 +4,6 @@ trainer's own offline format (:mod:`eagle3_target.export`), resumable and verifi
 from __future__ import annotations
 
 import argparse
-import sys
 
 from eagle3_target.export import FORMATS, NEMO_SHARD_SIZE
 
@@ -12,6 +11,7 @@ __all__ = ["register", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from eagle3_target.cli import report_partial
     from eagle3_target.export import export
 
     kwargs = {"vocab": args.vocab, "model": args.model, "trust_existing": args.trust_existing}
@@ -25,9 +25,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = export(args.to, args.dump, args.out, **kwargs)
     except (OSError, RuntimeError) as e:  # a full disk: what is done stays done
-        print(f"eagle3-target export: error: {e}\nthe finished files are kept; rerun the same command "
-              f"to continue", file=sys.stderr)
-        return 1
+        return report_partial("export", e, f"the finished files in {args.out} are kept; run the same "
+                                           f"command again to continue")
     print("\n".join(summary.lines()))
     return 0
 

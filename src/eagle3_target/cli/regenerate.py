@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 from eagle3_target.cli.common import check_writable, engine_options
@@ -55,17 +54,15 @@ def run(args: argparse.Namespace) -> int:
     """What ``eagle3-target regenerate`` does with parsed ``args``."""
     from eagle3_target.regen import run_regenerate
 
-    from eagle3_target.cli import error_message
+    from eagle3_target.cli import report_partial
 
     cfg = config_from_args(args)
     check_writable(cfg.out, "--out", folder=True)
     try:
         summary = run_regenerate(cfg)
     except (OSError, RuntimeError) as e:  # a full disk, a server gone past the retries
-        msg, code = error_message(e)
-        print(f"eagle3-target regenerate: error: {' '.join(msg.split())}; the finished shards are kept; run "
-              f"the same command again to continue", file=sys.stderr)
-        return code
+        return report_partial("regenerate", e, "the finished shards are kept; run the same command again "
+                                               "to continue")
     print("\n".join(summary.lines()))
     return 0
 
