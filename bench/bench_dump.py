@@ -256,8 +256,8 @@ def main() -> None:
                                  aux_layer_ids=parse_aux_layers(args.aux_layers),
                                  vocab=str(vocab_path) if mode == "draft" else None,
                                  batch_tokens=args.batch_tokens, shard_size_mb=args.shard_size_mb,
-                                 writer_threads=args.writer_threads, prefetch=(variant.prefetch if variant.prefetch
-                                           is not None else args.prefetch), progress=False,
+                                 writer_threads=args.writer_threads, progress=False,
+                                 prefetch=variant.prefetch if variant.prefetch is not None else args.prefetch,
                                  pin_threads=(variant.pin_threads if variant.pin_threads
                                               is not None else args.pin_threads),
                                  render=variant.render)

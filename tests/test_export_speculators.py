@@ -141,11 +141,11 @@ def test_model_recomputes_the_prenorm_a_dump_lacks(tmp_path, tiny_target, tok, d
                                    atol=1e-5, rtol=0)
 
 
-def _cli(dump_dir, out, vocab, **env):
+def _cli(dump_dir, out, vocab, preexec_fn=None, **env):
     code = ("import sys; from eagle3_target.cli import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, "export", str(dump_dir), "--to", "speculators",
                            "--out", str(out), "--vocab", str(vocab)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+                          env={**os.environ, **env}, timeout=300, preexec_fn=preexec_fn)
 
 
 @pytest.mark.parametrize("point", ["export_file_written:4", "export_file_renamed:7", "export_file_renamed:14"])
@@ -170,9 +170,7 @@ def test_a_full_disk_says_which_file_and_what_to_do_and_keeps_no_temporary_file(
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "out"
-    code = "import sys; from eagle3_target.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = subprocess.run([sys.executable, "-c", code, "export", str(dump_dir), "--to", "speculators", "--out", str(out),
-                        "--vocab", str(vocab_file)], capture_output=True, text=True, preexec_fn=cap, timeout=300)
+    r = _cli(dump_dir, out, vocab_file, preexec_fn=cap)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "File too large" in r.stderr and "free some space" in r.stderr, r.stderr
     assert f"the finished files in {out} are kept; run the same command again" in r.stderr

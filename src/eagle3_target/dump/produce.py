@@ -12,6 +12,7 @@ can be regenerated from its rows alone.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -96,10 +97,12 @@ class ShardProducer:
             yield Batch(batch, *pack_batch(batch, self.pad_id), *seen())
         yield Batch(None, None, None, None, *seen())
 
-    def _launch(self, b: Batch) -> Rows:
+    def _launch(self, b: Batch) -> Rows | Future:
         """Runs the target on one batch and starts copying its real tokens to the host;
         the future gives one dict per sample (views into the batch's host tensors until
-        their shard is written)."""
+        their shard is written), or None for the end of the data."""
+        if b.samples is None:
+            return done(None)
         lengths = [len(s) for s in b.samples]
         with self.clock.stage("engine"):
             out = self.spec.compute(self.source, b.ids, b.attn, b.lmask, lengths, self.mapping)
@@ -131,7 +134,7 @@ class ShardProducer:
         if not depth:
             last: tuple[Batch, Any] | None = None
             for b in batches:
-                launched = self._launch(b) if b.samples is not None else done(None)
+                launched = self._launch(b)
                 if last is not None:
                     yield last[0], self._rows(last[1])
                 last = (b, launched)
@@ -174,7 +177,7 @@ class ShardProducer:
             if device is not None:
                 torch.cuda.set_device(device)
             for b in batches:
-                yield b, (self._launch(b) if b.samples is not None else done(None))
+                yield b, self._launch(b)
 
         return launch()
 
