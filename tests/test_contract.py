@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eagle3_target import Eagle3TargetModel, default_aux_layer_ids, validate_aux_layer_ids
-from eagle3_target.contract import LMHead, TargetRunner, shift_left_with_zero
+from eagle3_target.contract import LMHead, TargetRunner, shift_left_with_zero, shift_packed_with_zero
 
 V, H, N = 11, 4, 8
 
@@ -77,6 +77,41 @@ def test_shift_and_zero_tail():
 def test_shift_helper():
     t = torch.tensor([[1, 2, 3], [4, 5, 6]])
     assert shift_left_with_zero(t).tolist() == [[2, 3, 0], [5, 6, 0]]
+
+
+def test_packed_shift_is_the_padded_shift_of_each_row():
+    lengths = [3, 1, 4]
+    padded = torch.arange(1, 1 + 3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2)
+    real = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None]
+    packed = shift_packed_with_zero(padded[real], lengths)
+    assert torch.equal(packed, shift_left_with_zero(padded, lengths)[real])
+    assert packed[:, 0].tolist() == [3, 5, 0, 0, 19, 21, 23, 0]  # row ends never see the next row
+
+
+def test_packed_hidden_mode_of_a_padded_runner_is_its_real_tokens(tiny_target):
+    """A runner without a packed path (transformers) is gathered: the same values as the
+    padded pair with each row's tail zeroed, on right- and left-padded rows."""
+    from eagle3_target.contract import zero_tail
+
+    g = torch.Generator().manual_seed(4)
+    lengths = [5, 2, 7]
+    for left in (False, True):
+        pos = torch.arange(7)[None, :]
+        n = torch.tensor(lengths)[:, None]
+        am = ((pos >= 7 - n) if left else (pos < n)).to(torch.int64)
+        ids = torch.randint(3, tiny_target.vocab_size, (3, 7), generator=g) * am
+        aux_p, hid_p = tiny_target.generate_hidden_packed(ids, am, am)
+        aux, hid = tiny_target.generate_hidden(ids, am, am)
+        real = am.bool()
+        assert torch.equal(aux_p, aux[real])
+        if left:  # the padded pair shifts across the left pads; per row it is the row alone
+            for r, k in enumerate(lengths):
+                row = ids[r:r + 1, 7 - k:]
+                _, alone = tiny_target.generate_hidden(row, torch.ones_like(row), torch.ones_like(row))
+                start = sum(lengths[:r])
+                torch.testing.assert_close(hid_p[start:start + k], alone[0], atol=1e-5, rtol=1e-4)
+        else:
+            assert torch.equal(hid_p, zero_tail(hid.clone(), lengths)[real])
 
 
 def test_aux_ids_default_and_passed_to_runner():
@@ -163,6 +198,8 @@ def test_hidden_mode_needs_a_hidden_runner():
     r, t = make()
     with pytest.raises(NotImplementedError, match="FakeRunner"):
         t.generate_hidden(*inputs())
+    with pytest.raises(NotImplementedError, match="FakeRunner"):
+        t.generate_hidden_packed(*inputs())
 
 
 def test_lm_head_scale_and_softcap():

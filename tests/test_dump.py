@@ -347,6 +347,24 @@ def test_a_remote_like_source_gives_the_same_dataset(tmp_path, tiny_target, tok,
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
 
 
+def test_hidden_mode_stores_the_packed_outputs_with_the_padded_paths_bytes(tmp_path, tiny_target, tok,
+                                                                          data_file, monkeypatch):
+    """In process the hidden mode asks for the real tokens only (no padded copy to gather
+    back); batches of several rows of unequal length give the bytes of the padded path."""
+    rows_per_call = []
+    real = tiny_target.generate_hidden_packed
+
+    def spy(ids, attn, lmask):
+        rows_per_call.append(sorted(set(attn.sum(1).tolist())))
+        return real(ids, attn, lmask)
+
+    monkeypatch.setattr(tiny_target, "generate_hidden_packed", spy)
+    dump(tmp_path / "packed", tiny_target, tok, [data_file], mode="hidden", batch_tokens=2048)
+    dump(tmp_path / "padded", RemoteLike(tiny_target), tok, [data_file], mode="hidden", batch_tokens=2048)
+    assert rows_per_call and max(len(n) for n in rows_per_call) > 1  # rows padded to the longest
+    assert files_of(tmp_path / "packed") == files_of(tmp_path / "padded")
+
+
 class Watched:
     """The in-process target, recording the thread of each forward and how many ran at
     once; ``fail_at`` makes that call (1-based) raise as an engine out of memory would."""

@@ -19,6 +19,7 @@ import torch
 
 import fake_sglang
 from eagle3_target import Eagle3TargetModel
+from eagle3_target.contract import zero_tail
 from eagle3_target.engines import sglang as sg
 from sglang_helpers import TOL, use_fake, ragged as _ragged, hf_rows
 
@@ -152,12 +153,41 @@ def test_hidden_mode_and_lm_head_rebuild_the_logits(runner, hf_runner):
         torch.testing.assert_close(final[b][mask[b].bool()], ref[b][2], **TOL)
 
 
+@pytest.mark.parametrize("left", [False, True])
+def test_packed_hidden_mode_is_the_padded_one_without_the_pads(runner, hf_runner, left):
+    runner.set_aux_layers([2, 6, 1])
+    lengths = [7, 11, 3, 9]
+    ids, mask = _ragged(lengths, S=11, seed=5, left=left)
+    before = runner.extends
+    final_p, aux_p = runner.forward_eagle3_hidden_packed(ids, mask)
+    assert runner.extends == before + 1
+    assert final_p.shape == (sum(lengths), 128) and aux_p.shape == (sum(lengths), 3 * 128)
+    final, aux = runner.forward_eagle3_hidden(ids, mask)
+    real = mask.bool()
+    assert torch.equal(final_p, final[real]) and torch.equal(aux_p, aux[real])  # row after row
+    ref = _hf_rows(hf_runner, ids, mask, [2, 6, 1])
+    start = 0
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(final_p[start:start + n], ref[b][2], **TOL)
+        torch.testing.assert_close(aux_p[start:start + n], ref[b][1], **TOL)
+        start += n
+
+
+def test_packed_hidden_mode_never_builds_the_padded_tensors(runner, monkeypatch):
+    runner.set_aux_layers([1, 3, 4])
+    called = []
+    monkeypatch.setattr(sg, "scatter_rows", lambda *a: called.append(1))
+    runner.forward_eagle3_hidden_packed(*_ragged([3, 5], S=8))
+    assert not called
+
+
 def test_contract_layer_on_top_matches_hf_engine(fake_api, tiny_path, hf_runner):
     ids, mask = _ragged([6, 10, 3], S=10, seed=11)
     loss = mask.clone()
     with Eagle3TargetModel.from_pretrained(tiny_path, engine="sglang", dtype="float32") as t:
         got = t.generate_batch(ids, mask, loss)
         aux_c, final_c = t.generate_hidden(ids, mask, loss)
+        t_packed = t.generate_hidden_packed(ids, mask, loss)
         emb = t.get_input_embeddings().weight
     ref = Eagle3TargetModel(hf_runner).generate_batch(ids, mask, loss)
     real = mask.bool()
@@ -167,6 +197,13 @@ def test_contract_layer_on_top_matches_hf_engine(fake_api, tiny_path, hf_runner)
     assert torch.equal(got.input_ids, ref.input_ids) and torch.equal(got.loss_mask, ref.loss_mask)
     torch.testing.assert_close(aux_c, got.aux_hidden_states)
     assert final_c.shape == (3, 10, 128)
+    # The packed pair is the padded pair's real tokens, with each row's last one zeroed
+    # (the padded shift puts a pad's state there, which the dump zeroes too).
+    aux_p, final_p = t_packed
+    lengths = mask.sum(1).tolist()
+    assert torch.equal(aux_p, aux_c[real])
+    assert torch.equal(final_p, zero_tail(final_c.clone(), lengths)[real])
+    assert final_p[torch.tensor(lengths).cumsum(0) - 1].abs().sum() == 0
     torch.testing.assert_close(emb, hf_runner.input_embedding_weight())
 
 

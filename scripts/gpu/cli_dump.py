@@ -10,7 +10,12 @@ pinned cache, so the dump's first batches find their blocks cached (an experimen
 growing the pool beside the first forwards cost the engine time?). With ``CLI_WARMUP=1``
 one hidden-mode forward of 8 x 2048 zeros runs right after the engine loads (timed
 apart; ``CLI_WARMUP=BxS`` for B rows of S tokens): is the first call's extra time a
-fresh process's one-time cost, and does a small forward pay it for less?"""
+fresh process's one-time cost, and does a small forward pay it for less? With
+``CLI_ENGINE_ONLY=1`` no dump runs: the same arguments load the target exactly as the dump
+does, the same batches are rendered (untimed), and only the dump's engine calls run over
+them, timed from the first call to a device sync after the last: the engine alone in a
+fresh process, to set beside the dump's rate after loading (a warm process's engine-alone
+figure does not pay the process's first call)."""
 import faulthandler
 import os
 import sys
@@ -92,7 +97,52 @@ if os.environ.get("CLI_WARMUP", "0") != "0":
         return source
 
     dump_job._load_source = load_and_warm
+
+
+def engine_alone(args) -> int:
+    """The dump's engine calls alone over its batches, in this fresh process."""
+    from eagle3_target.cli.dump import config_from_args
+    from eagle3_target.data.chat import ChatEncoder
+    from eagle3_target.data.samples import Sample, iter_samples
+    from eagle3_target.data.tokenizer import load_tokenizer
+    from eagle3_target.dump import greedy_batches, pack_batch
+    from eagle3_target.dump import job as dump_job
+    from eagle3_target.dump.modes import MODES
+    from eagle3_target.tiny import resolve_model
+
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.tokenizer or resolve_model(cfg.model))
+    source = dump_job._load_source(cfg)
+    loaded = time.perf_counter() - t0
+    enc = ChatEncoder(tok, max_length=cfg.max_length, vocab_size=source.vocab_size)
+    samples = [s for s in iter_samples(list(cfg.data), enc) if isinstance(s, Sample)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = [(*pack_batch(b, pad), [len(s) for s in b]) for b in greedy_batches(samples, cfg.batch_tokens)]
+    spec = MODES[cfg.mode]
+    times = []
+    t1 = time.perf_counter()
+    for ids, attn, lmask, lengths in batches:
+        c0 = time.perf_counter()
+        fields = (source, ids, attn, lmask, lengths, None)
+        if spec.compute_packed is None or spec.compute_packed(*fields) is None:
+            spec.compute(*fields)
+        times.append(time.perf_counter() - c0)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t1
+    tokens = sum(len(s) for s in samples)
+    print(f"engine alone, a fresh process: {len(batches)} calls, {tokens:,} tokens in {dt:.2f} s from the "
+          f"first call to the sync after the last: {tokens / dt:,.0f} tokens/s (load {loaded:.1f} s; first "
+          f"call {times[0]:.2f} s, the others' median {sorted(times[1:])[len(times[1:]) // 2]:.3f} s)",
+          flush=True)
+    source.close()
+    return 0
+
+
 args = build_parser().parse_args(sys.argv[1:])  # "dump --model ..." as on the command line
+if os.environ.get("CLI_ENGINE_ONLY") == "1":
+    sys.exit(engine_alone(args))
 if stack_file is not None:
     faulthandler.dump_traceback_later(2, repeat=True, file=stack_file)
 t_start = time.perf_counter()

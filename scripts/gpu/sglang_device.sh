@@ -2,7 +2,7 @@
 # Runs the SGLang engine's GPU validation and/or benchmarks on a GPU machine without network.
 #
 #   bash scripts/gpu/sglang_device.sh GPU_DIR STAGE...
-#   STAGE: validate-tiny validate-8b validate-families validate-tp regen-check regen-bench bench bench-server bench-dump bench-dump-large cli-dump diag-dump export-8b bench-transport diag-io check-client
+#   STAGE: validate-tiny validate-8b validate-families validate-tp regen-check regen-bench bench bench-server bench-dump bench-dump-large cli-dump diag-sync diag-dump export-8b bench-transport diag-io check-client
 #
 # GPU_DIR (copied to the machine, git-ignored) holds bundle/ (SGLang and the wheels it needs, with an install.sh),
 # jit-caches-sglang-0.5.16-h100.tgz, optionally fi-cache.tgz (flashinfer JIT cache from an
@@ -164,20 +164,31 @@ for stage in "$@"; do
       # CLI_VARIANTS (base) and CLI_ROUNDS (1): "prewarm" sets CLI_PREWARM=$CLI_PREWARM_SPEC,
       # "warmup" CLI_WARMUP=1 and "warmup-small" CLI_WARMUP=$CLI_WARMUP_SMALL (1x16) (see
       # cli_dump.py), "p0" passes --prefetch 0 (the forwards on
-      # the main thread); the variants alternate within each round, one file each.
+      # the main thread), "engine" runs the engine alone in a fresh process on the dump's
+      # batches (CLI_ENGINE_ONLY=1); the variants alternate within each round, one file each.
       for round in $(seq ${CLI_ROUNDS:-1}); do
         for variant in $(echo "${CLI_VARIANTS:-base}" | tr , " "); do
           warm=""; [ "$variant" = prewarm ] && warm=${CLI_PREWARM_SPEC:?prewarm needs CLI_PREWARM_SPEC}
           up=0; [ "$variant" = warmup ] && up=1; [ "$variant" = warmup-small ] && up=${CLI_WARMUP_SMALL:-1x16}
           extra=""; [ "$variant" = p0 ] && extra="--prefetch 0"
+          only=0; [ "$variant" = engine ] && only=1
           rm -rf /tmp/cli-dump
-          CLI_PREWARM=$warm CLI_WARMUP=$up step 300 python3 "$S/cli_dump.py" dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
+          CLI_ENGINE_ONLY=$only CLI_PREWARM=$warm CLI_WARMUP=$up step 300 python3 "$S/cli_dump.py" dump --model /tmp/llama8b --engine sglang --dtype bfloat16 \
             --data /tmp/chats-cli.jsonl --out /tmp/cli-dump --batch-tokens 16384 $extra \
             --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
             | tee "$OUT/cli_dump_${variant}_$round.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
         done
       done
       rm -rf /tmp/cli-dump ;;
+    diag-sync)
+      # Whether a hidden-mode engine call waits for the GPU, and where: the padded path
+      # against the packed one, SYNC_COPIES (8) x the sample chats (scripts/gpu/diag_sync.py).
+      chat_target_8b
+      for i in $(seq ${SYNC_COPIES:-8}); do cat "$REPO/src/eagle3_target/data/sample_chats.jsonl"; done > /tmp/chats-sync.jsonl
+      step 300 python3 "$S/diag_sync.py" --model /tmp/llama8b --engine sglang --device cuda --dtype bfloat16 \
+        --data /tmp/chats-sync.jsonl --batch-tokens 16384 --rounds ${SYNC_ROUNDS:-3} \
+        --engine-arg attention_backend=triton --engine-arg max_batch_rows=256 --engine-arg max_batch_tokens=16384 \
+        | tee "$OUT/diag_sync.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     diag-dump)
       # Where the dump loses engine throughput: the engine alone, then with the host
       # copies, the shard writes, synthetic disk writes beside it, and run_dump itself,

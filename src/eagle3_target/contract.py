@@ -10,8 +10,9 @@ Owns what every engine and every transport shares:
 - :class:`Eagle3TargetModel`, which turns a runner's unshifted ``(logits, aux)`` into an
   :class:`Eagle3TargetBatch` with the EAGLE-3 shift (logits, input_ids and loss_mask
   shifted left by one with a zero tail; aux and attention_mask unshifted);
-- :class:`LMHead`, the final projection (weight, logit scale, soft-cap) so a client
-  holding the final-norm hidden state can rebuild the logits the target would give;
+- :class:`LMHead` (defined in :mod:`eagle3_target.lm_head`), the final projection
+  (weight, logit scale, soft-cap) so a client holding the final-norm hidden state can
+  rebuild the logits the target would give;
 - input validation, done before any work so bad input changes nothing.
 
 Nothing here imports an engine: engines register by name in :mod:`eagle3_target.engines`
@@ -23,15 +24,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from eagle3_target.engines.common import text_config
+from eagle3_target.engines.packing import gather_rows
+from eagle3_target.lm_head import LMHead
 
 __all__ = [
     "TargetRunner",
     "HiddenRunner",
+    "PackedHiddenRunner",
     "PrenormRunner",
     "LMHead",
     "Eagle3TargetBatch",
@@ -40,6 +44,7 @@ __all__ = [
     "validate_aux_layer_ids",
     "validate_batch_inputs",
     "shift_left_with_zero",
+    "shift_packed_with_zero",
     "zero_tail",
     "right_padded",
 ]
@@ -90,6 +95,19 @@ class HiddenRunner(TargetRunner, Protocol):
 
     def lm_head(self) -> "LMHead":
         """The LM head that turns ``final_hidden`` into the logits ``forward_eagle3`` gives."""
+
+
+@runtime_checkable
+class PackedHiddenRunner(HiddenRunner, Protocol):
+    """A runner that can give the hidden mode's states for the real tokens only, as its
+    forward makes them (SGLang's extend is ragged): no padded copy to build and gather
+    back, and nothing that waits for the GPU."""
+
+    def forward_eagle3_hidden_packed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(final_hidden [T,H], aux [T,3H])``, unshifted: the real tokens of
+        :meth:`HiddenRunner.forward_eagle3_hidden`'s outputs, row after row."""
 
 
 @runtime_checkable
@@ -224,6 +242,16 @@ def shift_left_with_zero(t: torch.Tensor, lengths: Sequence[int] | torch.Tensor 
     return out if lengths is None else zero_tail(out, lengths)
 
 
+def shift_packed_with_zero(t: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """:func:`shift_left_with_zero` for rows packed back to back: ``t [T,...]`` holds row
+    ``r``'s ``lengths[r]`` real tokens after row ``r-1``'s; ``out[i] = t[i+1]`` inside a row
+    and each row's last token is zero. Equal to the real tokens of the padded shift with
+    ``lengths``, and it never waits for the GPU (the row ends travel without a sync)."""
+    out = torch.cat((t[1:], torch.zeros_like(t[:1])), dim=0)
+    ends = torch.tensor(lengths, dtype=torch.int64).cumsum(0).sub_(1)
+    return out.index_fill_(0, ends.to(out.device, non_blocking=True), 0)
+
+
 def zero_tail(shifted: torch.Tensor, lengths: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """Zeroes, in place, each row of a shifted ``[B,S,...]`` tensor from position
     ``lengths[r] - 1`` on (the last real token has no next token to predict), or only the
@@ -268,78 +296,6 @@ class Eagle3TargetBatch:
                 "Eagle3TargetBatch needs exactly one supervision form: logits, "
                 "or target_probs together with position_mask"
             )
-
-
-@dataclass(frozen=True)
-class LMHead:
-    """The target's final projection: ``logits = softcap(scale * (h @ weight.T + bias))``.
-
-    Attributes:
-        weight: ``[V,H]`` model dtype.
-        bias: ``[V]`` or None.
-        scale: multiplies the logits (Cohere's ``logit_scale``; 1/``logits_scaling`` for Granite).
-        softcap: ``cap * tanh(logits / cap)`` when set (Gemma-2's ``final_logit_softcapping``).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    scale: float = 1.0
-    softcap: float | None = None
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [...,H]`` -> logits ``[...,V]`` in the weight's dtype."""
-        w = self.weight.to(hidden.device)
-        logits = torch.nn.functional.linear(
-            hidden.to(w.dtype), w, None if self.bias is None else self.bias.to(hidden.device)
-        )
-        if self.scale != 1.0:
-            logits = logits * self.scale
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    # The one codec between an LM head and tensors, for the wire and for the disk.
-    # Tensors: ``weight``, ``bias`` (if any), and the scalars as 0-d fp64 tensors named
-    # ``logit_scale`` and ``logit_softcap`` (if set): the ``/v1/lm_head`` body. A v1
-    # dump's ``lm_head.safetensors`` keeps the scalars in its header metadata as
-    # ``scale`` and ``softcap`` instead (``scalars="metadata"``); both read back here.
-    _SCALARS = (("scale", "logit_scale"), ("softcap", "logit_softcap"))
-
-    def to_tensors(self, *, scalars: str = "tensors") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``(tensors, metadata)``: ``scalars="tensors"`` puts the scale and soft-cap in
-        the tensors (metadata empty), ``"metadata"`` in the metadata (v1 dump layout)."""
-        if scalars not in ("tensors", "metadata"):
-            raise ValueError(f"scalars must be 'tensors' or 'metadata', got {scalars!r}")
-        tensors = {"weight": self.weight.detach()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.detach()
-        meta: dict[str, Any] = {}
-        for attr, name in self._SCALARS:
-            value = getattr(self, attr)
-            if scalars == "metadata":
-                meta[attr] = None if value is None else float(value)
-            elif value is not None:
-                tensors[name] = torch.tensor(float(value), dtype=torch.float64)
-        return tensors, meta
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor],
-                     metadata: Mapping[str, Any] | None = None) -> "LMHead":
-        """The head :meth:`to_tensors` wrote, in either layout; raises ValueError naming a
-        missing weight or an unknown tensor."""
-        known = {"weight", "bias"} | {name for _, name in cls._SCALARS}
-        unknown = sorted(set(tensors) - known)
-        if "weight" not in tensors or unknown:
-            raise ValueError(f"an LM head needs a 'weight' tensor and no other than {sorted(known)}; "
-                             f"got {sorted(tensors)}")
-        meta = metadata or {}
-        values: dict[str, float | None] = {}
-        for attr, name in cls._SCALARS:
-            raw = tensors[name] if name in tensors else meta.get(attr)
-            values[attr] = None if raw is None else float(raw)
-        scale = values["scale"]
-        return cls(weight=tensors["weight"], bias=tensors.get("bias"),
-                   scale=1.0 if scale is None else scale, softcap=values["softcap"] or None)
 
 
 # --------------------------------------------------------------------------- model
@@ -452,6 +408,31 @@ class Eagle3TargetModel:
             raise NotImplementedError(f"{type(self._runner).__name__} has no hidden mode")
         final_hidden, aux = self._runner.forward_eagle3_hidden(input_ids, attention_mask)
         return aux, shift_left_with_zero(final_hidden)
+
+    @torch.no_grad()
+    def generate_hidden_packed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`generate_hidden` for the real tokens only, rows back to back:
+        ``(aux [T,3H], final_hidden [T,H])``, final_hidden shifted inside each row with a
+        zero at its last token (:func:`shift_packed_with_zero`). What the dump stores.
+
+        A :class:`PackedHiddenRunner` (SGLang) hands over its ragged outputs as they are;
+        any other runner's padded outputs are gathered to the real tokens."""
+        self.validate(input_ids, attention_mask, loss_mask)
+        if not isinstance(self._runner, HiddenRunner):
+            raise NotImplementedError(f"{type(self._runner).__name__} has no hidden mode")
+        lengths = attention_mask.detach().to("cpu", torch.int64).sum(dim=1).tolist()
+        if isinstance(self._runner, PackedHiddenRunner):
+            final_hidden, aux = self._runner.forward_eagle3_hidden_packed(input_ids, attention_mask)
+        else:
+            padded = self._runner.forward_eagle3_hidden(input_ids, attention_mask)
+            flat = gather_rows({"hidden": padded[0], "aux": padded[1]}, attention_mask)
+            final_hidden, aux = flat["hidden"], flat["aux"]
+        return aux, shift_packed_with_zero(final_hidden, lengths)
 
     @torch.no_grad()
     def generate_prenorm(

@@ -42,7 +42,9 @@ class TargetSource(Protocol):
     # Optional: ``hidden_size``, ``vocab_size``, ``dtype`` (probed with a two-token forward
     # when absent), ``set_vocab_mapping(mapping)`` (then ``generate_batch`` may return
     # ``target_probs``/``position_mask`` instead of ``logits`` in draft mode) and
-    # ``generate_prenorm`` (``--with-prenorm``: ``Eagle3TargetModel.generate_prenorm``).
+    # ``generate_prenorm`` (``--with-prenorm``: ``Eagle3TargetModel.generate_prenorm``) and
+    # ``generate_hidden_packed`` (hidden mode's states of the real tokens only, rows back to
+    # back: ``Eagle3TargetModel.generate_hidden_packed``).
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class FieldSpec:
 
 # (source, input_ids, attention_mask, loss_mask [B,S] int64, lengths, mapping) -> fields [B,S,...]
 Compute = Callable[..., "dict[str, torch.Tensor]"]
+# The same arguments -> fields [T,...] of the real tokens, rows back to back; None when the
+# source cannot give them packed (then the dump gathers them from ``compute``'s)
+ComputePacked = Callable[..., "dict[str, torch.Tensor] | None"]
 
 BASE_FIELDS = (FieldSpec("input_ids", "int64"), FieldSpec("loss_mask", "uint8"),
                FieldSpec("aux_hidden_states", "model", ("hidden_size", 3)))
@@ -78,13 +83,16 @@ norm and LM head itself; the hidden mode's ``hidden_states`` are after the norm.
 
 @dataclass(frozen=True)
 class ModeSpec:
-    """A dump mode: its per-token fields (beyond :data:`BASE_FIELDS`) and how to compute them."""
+    """A dump mode: its per-token fields (beyond :data:`BASE_FIELDS`) and how to compute
+    them: ``compute`` for a right-padded batch, and ``compute_packed``, where a mode has
+    one, for the real tokens only (what a shard stores, without a padded copy in between)."""
 
     name: str
     fields: tuple[FieldSpec, ...]
     needs_vocab: bool
     compute: Compute
     help: str
+    compute_packed: ComputePacked | None = None
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -124,6 +132,15 @@ def _compute_hidden(source: TargetSource, ids, attn, lmask, lengths, mapping) ->
     return {"aux_hidden_states": aux, "hidden_states": zero_tail(hidden, lengths)}
 
 
+def _compute_hidden_packed(source: TargetSource, ids, attn, lmask, lengths, mapping
+                           ) -> "dict[str, torch.Tensor] | None":
+    gen = getattr(source, "generate_hidden_packed", None)
+    if gen is None:  # a remote target: the server sends padded rows
+        return None
+    aux, hidden = gen(ids, attn, lmask)
+    return {"aux_hidden_states": aux, "hidden_states": hidden}
+
+
 def _compute_logits(source: TargetSource, ids, attn, lmask, lengths, mapping) -> "dict[str, torch.Tensor]":
     from eagle3_target.contract import zero_tail
 
@@ -157,7 +174,8 @@ def _compute_draft(source: TargetSource, ids, attn, lmask, lengths, mapping) -> 
 MODES: dict[str, ModeSpec] = {
     "hidden": ModeSpec("hidden", (FieldSpec("hidden_states", "model", ("hidden_size", 1)),), False,
                        _compute_hidden,
-                       "aux + final-norm hidden state; the reader rebuilds logits with the LM head"),
+                       "aux + final-norm hidden state; the reader rebuilds logits with the LM head",
+                       _compute_hidden_packed),
     "draft": ModeSpec("draft", (FieldSpec("target_probs", "float32", ("draft_vocab_size", 1)),
                                 FieldSpec("position_mask", "bool")), True, _compute_draft,
                       "aux + target distribution over the draft vocabulary (fp32)"),

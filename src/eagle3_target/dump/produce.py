@@ -104,16 +104,28 @@ class ShardProducer:
         if b.samples is None:
             return done(None)
         lengths = [len(s) for s in b.samples]
+        args = (self.source, b.ids, b.attn, b.lmask, lengths, self.mapping)
+        flat = None
         with self.clock.stage("engine"):
-            out = self.spec.compute(self.source, b.ids, b.attn, b.lmask, lengths, self.mapping)
-            if self.with_prenorm:  # a second forward: no engine gives both in one today
-                out["final_prenorm"] = compute_prenorm(self.source, b.ids, b.attn, b.lmask)
-        aux = out["aux_hidden_states"]
+            # Packed where the mode and the target can: nothing padded to build and gather
+            # back, and the call returns before the GPU is done (the next one's host work
+            # overlaps these kernels). --with-prenorm keeps the padded pair of forwards.
+            if self.spec.compute_packed is not None and not self.with_prenorm:
+                flat = self.spec.compute_packed(*args)
+            if flat is None:
+                out = self.spec.compute(*args)
+                if self.with_prenorm:  # a second forward: no engine gives both in one today
+                    out["final_prenorm"] = compute_prenorm(self.source, b.ids, b.attn, b.lmask)
+        aux = out["aux_hidden_states"] if flat is None else flat["aux_hidden_states"]
         if dtype_name(aux.dtype) != self.config["dtype"] or aux.shape[-1] != 3 * self.config["hidden_size"]:
             raise RuntimeError(f"the target returned aux_hidden_states {tuple(aux.shape)} {aux.dtype}, "
                                f"expected [..., {3 * self.config['hidden_size']}] {self.config['dtype']}")
-        with self.clock.stage("gather on device"):
-            flat = gather_rows(out, b.attn)
+        if flat is None:
+            with self.clock.stage("gather on device"):
+                flat = gather_rows(out, b.attn)
+        elif any(v.shape[0] != sum(lengths) for v in flat.values()):
+            raise RuntimeError(f"the target returned packed outputs of {[v.shape[0] for v in flat.values()]} "
+                               f"tokens for a batch of {sum(lengths)} real tokens")
         return Rows(b, lengths, self.copier.submit(flat))
 
     def _rows(self, launched: Any) -> list[dict[str, torch.Tensor]] | None:

@@ -486,7 +486,8 @@ def _decoder(model: nn.Module) -> Any:
 
 
 class SGLangTargetRunner:
-    """A :class:`~eagle3_target.contract.HiddenRunner` over a standalone SGLang ModelRunner.
+    """A :class:`~eagle3_target.contract.PackedHiddenRunner` over a standalone SGLang
+    ModelRunner.
 
     Build with :func:`build` (``Eagle3TargetModel.from_pretrained(path, engine="sglang")``).
     """
@@ -593,6 +594,13 @@ class SGLangTargetRunner:
                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Skips the LM head: ``(final_hidden [B,S,H], aux [B,S,3H])``, unshifted."""
         out = self.forward_packed(input_ids, attention_mask, "hidden")
+        return out["hidden"], out["aux"]
+
+    def forward_eagle3_hidden_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(final_hidden [T,H], aux [T,3H])`` of the real tokens, row after row, unshifted:
+        the extend's own ragged outputs, with no padded copy and no device sync."""
+        out = self.forward_packed(input_ids, attention_mask, "hidden", packed=True)
         return out["hidden"], out["aux"]
 
     def forward_eagle3_prenorm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -719,9 +727,14 @@ class SGLangTargetRunner:
 
     @torch.no_grad()
     def forward_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       mode: str) -> dict[str, torch.Tensor]:
+                       mode: str, packed: bool = False) -> dict[str, torch.Tensor]:
         """One forward in ``mode`` (see :data:`MODES`): packs the real tokens, runs as few
-        extends as the pool allows, scatters every output back to ``[B,S,*]``."""
+        extends as the pool allows, scatters every output back to ``[B,S,*]``; with
+        ``packed``, returns the outputs ``[T,*]`` as the extends made them.
+
+        Why ``packed``: the scatter's boolean index waits for the GPU, so each padded call
+        ends with the GPU idle until the next is prepared; packed, the next call's host
+        work runs while this one's kernels do."""
         self._check_open()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -741,13 +754,13 @@ class SGLangTargetRunner:
         parts = [self._extend([rows[i] for i in g], mode) for g in groups]
         if mode == "stock":
             return {}
-        mask = attention_mask.to(self.device, torch.bool)
+        mask = None if packed else attention_mask.to(self.device, torch.bool)
         out = {}
         for key in ("logits", "hidden", "prenorm", "aux"):
             got = [getattr(p, key) for p in parts]
             if got[0] is not None:
-                packed = got[0] if len(got) == 1 else torch.cat(got, dim=0)
-                out[key] = scatter_rows(packed, mask)
+                flat = got[0] if len(got) == 1 else torch.cat(got, dim=0)
+                out[key] = flat if mask is None else scatter_rows(flat, mask)
         return out
 
     def _prenorm_hook(self) -> Any:
