@@ -126,13 +126,16 @@ def test_rows_longer_than_the_models_context_are_skipped_and_never_run(tmp_path,
     assert len(tok(json.loads(long_row)["messages"][1]["content"])["input_ids"]) > context
     p = data_with(tmp_path, long_row)
     seen: list[int] = []
-    real = tiny_target.generate_hidden
+    # Hidden mode's dump calls the packed form; spy on both so a change of call cannot
+    # turn this check vacuous.
+    for name in ("generate_hidden", "generate_hidden_packed"):
+        real = getattr(tiny_target, name)
 
-    def spy(input_ids, *a, **kw):
-        seen.append(input_ids.shape[1])
-        return real(input_ids, *a, **kw)
+        def spy(input_ids, *a, _real=real, **kw):
+            seen.append(input_ids.shape[1])
+            return _real(input_ids, *a, **kw)
 
-    monkeypatch.setattr(tiny_target, "generate_hidden", spy)
+        monkeypatch.setattr(tiny_target, name, spy)
     s = dump(tmp_path / "d", tiny_target, tok, p, max_length=None)
     assert s.complete and s.samples == N_ROWS
     assert s.skipped[MALFORMED] == {"longer than the model's context": 1}
